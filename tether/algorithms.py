@@ -1,0 +1,83 @@
+"""Algorithms as data: each preset is a partial config over the same loop and the same core pieces.
+
+A user picks one with `algorithm.name=...` and overrides any field after it; nothing here is code.
+"""
+
+from __future__ import annotations
+
+import copy
+
+PRESETS: dict[str, dict] = {
+    # Ziegler et al. / InstructGPT-style PPO: critic + GAE, KL folded into the per-token reward (k1),
+    # adaptive beta toward a target KL per token, whitened advantages, several epochs over each batch.
+    "ppo": {
+        "algorithm": {
+            "advantage": "gae", "use_critic": True, "std_scale": "none", "whiten_advantages": True,
+            "policy_loss": "clipped", "eps_low": 0.2, "eps_high": 0.2,
+            "aggregation": "seq_mean_token_mean",
+            "kl_mode": "reward", "kl_estimator": "k1", "beta": 0.05, "kl_target": 0.05,
+            "gamma": 1.0, "lam": 0.95, "value_coef": 0.5, "value_clip": 0.2,
+            "epochs": 2, "minibatches": 2,
+        },
+    },
+    # DeepSeekMath GRPO: critic-free group-relative advantages scaled by the group std, KL in the loss (k3).
+    "grpo": {
+        "algorithm": {
+            "advantage": "grpo", "use_critic": False, "std_scale": "group", "whiten_advantages": False,
+            "policy_loss": "clipped", "eps_low": 0.2, "eps_high": 0.2,
+            "aggregation": "seq_mean_token_mean",
+            "kl_mode": "loss", "kl_estimator": "k3", "beta": 0.04, "kl_target": None,
+            "epochs": 1, "minibatches": 1,
+        },
+    },
+    # Dr. GRPO (Liu et al. 2025): no std scaling, no 1/|o|: a constant normaliser (max length) instead.
+    "dr_grpo": {
+        "algorithm": {
+            "advantage": "grpo", "use_critic": False, "std_scale": "none", "whiten_advantages": False,
+            "policy_loss": "clipped", "aggregation": "seq_mean_token_sum_norm",
+            "kl_mode": "loss", "kl_estimator": "k3", "beta": 0.0, "kl_target": None,
+            "epochs": 1, "minibatches": 1,
+        },
+    },
+    # DAPO (Yu et al. 2025): clip-higher (eps_high > eps_low), token-mean aggregation, dynamic sampling
+    # that drops groups with identical rewards (zero advantage, zero signal) and refills the batch.
+    "dapo": {
+        "algorithm": {
+            "advantage": "grpo", "use_critic": False, "std_scale": "group", "whiten_advantages": False,
+            "policy_loss": "clipped", "eps_low": 0.2, "eps_high": 0.28,
+            "aggregation": "token_mean", "kl_mode": "none", "beta": 0.0, "kl_target": None,
+            "filter_groups": True, "epochs": 1, "minibatches": 1,
+        },
+    },
+    # RLOO (Ahmadian et al. 2024): leave-one-out baseline within each group, KL folded into the reward.
+    "rloo": {
+        "algorithm": {
+            "advantage": "rloo", "use_critic": False, "std_scale": "none", "whiten_advantages": False,
+            "policy_loss": "clipped", "aggregation": "seq_mean_token_mean",
+            "kl_mode": "reward", "kl_estimator": "k1", "beta": 0.05, "kl_target": None,
+            "epochs": 1, "minibatches": 1,
+        },
+    },
+    # Plain REINFORCE with a batch-mean baseline, one on-policy update per batch.
+    "reinforce": {
+        "algorithm": {
+            "advantage": "batch_mean", "use_critic": False, "std_scale": "none", "whiten_advantages": False,
+            "policy_loss": "reinforce", "aggregation": "seq_mean_token_mean",
+            "kl_mode": "reward", "kl_estimator": "k1", "beta": 0.0, "kl_target": None,
+            "epochs": 1, "minibatches": 1,
+        },
+    },
+}
+
+
+def preset_dict(name: str) -> dict:
+    """The partial config of a preset (a copy), or an error that lists the known presets."""
+    if name not in PRESETS:
+        from tether.config import ConfigError
+        import difflib
+
+        close = difflib.get_close_matches(str(name), list(PRESETS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"algorithm.name: unknown preset {name!r}.{hint} Known presets: "
+                          f"{', '.join(PRESETS)}.")
+    return copy.deepcopy(PRESETS[name])

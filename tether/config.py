@@ -1,0 +1,438 @@
+"""One typed config tree for a tether run.
+
+Config is data. Resolution order, later wins:
+    dataclass defaults  <-  algorithm preset (tether.algorithms)  <-  YAML file  <-  `key.sub=value` overrides.
+Every field is documented here, in its `help`, and nowhere else; `tether config` prints them all.
+Unknown keys are errors that suggest the nearest known key; invalid values name the field and the range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: unknown key, wrong type or a value out of range."""
+
+
+def F(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
+      gt: float | None = None, le: float | None = None, lt: float | None = None):
+    """A documented field. Mutable defaults are copied per instance."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class LoraConfig:
+    r: int = F(0, "LoRA rank; 0 trains the full model.", ge=0)
+    alpha: float = F(16.0, "LoRA scaling numerator (scale = alpha / r).", gt=0)
+    dropout: float = F(0.0, "Dropout on the LoRA input.", ge=0, lt=1)
+    target_modules: list = F(["q_proj", "k_proj", "v_proj", "o_proj"],
+                             "Module names that get adapters (peft's target_modules); 'all-linear' for all.")
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = F(None, "Policy: a hub name or local path of an AutoModelForCausalLM. Empty with a "
+                               "built-in task: the built-in tiny model is built and SFT-trained first.")
+    ref_path: str | None = F(None, "Reference policy path; default: a frozen copy of the initial policy.")
+    critic_path: str | None = F(None, "Critic backbone path; default: the policy's initial weights.")
+    trust_remote_code: bool = F(False, "Allow model repositories to run their own Python code. Off: only "
+                                       "turn on for code you have read.")
+    dtype: str = F("float32", "Dtype of the trained weights (fp32 master weights are the safe choice).",
+                   choices=("float32", "bfloat16", "float16"))
+    autocast: str | None = F(None, "Run forward passes under autocast in this dtype (e.g. bfloat16); "
+                                   "log-prob math stays float32.", choices=(None, "bfloat16", "float16"))
+    frozen_dtype: str = F("float32", "Dtype of frozen models (reference, reward model).",
+                          choices=("float32", "bfloat16", "float16"))
+    gradient_checkpointing: bool = F(False, "Recompute activations in the backward pass to save memory.")
+    chat_template: bool = F(False, "Wrap each prompt as a user turn with the tokenizer's chat template.")
+    disable_dropout: bool = F(True, "Set every dropout probability to 0 so that pi_old == pi_theta at the "
+                                    "first minibatch (standard in RL fine-tuning).")
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters on the policy."})
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = F("hf", "Generation backend: HF generate, or vLLM (GPU, optional extra).",
+                     choices=("hf", "vllm"))
+    prompts_per_step: int = F(8, "Prompts drawn per step.", ge=1)
+    group_size: int = F(4, "Completions sampled per prompt (G).", ge=1)
+    max_new_tokens: int = F(16, "Maximum completion length in tokens.", ge=1)
+    temperature: float = F(1.0, "Sampling temperature; log-probs are of logits / temperature.", gt=0)
+    top_p: float = F(1.0, "Nucleus sampling mass (1.0 = off).", gt=0, le=1)
+    top_k: int = F(0, "Top-k sampling (0 = off).", ge=0)
+    stop_strings: list = F([], "Extra strings that end a completion (EOS always does).")
+    max_prompt_tokens: int | None = F(None, "Longest prompt allowed; default: context window - max_new_tokens.")
+    micro_batch_size: int = F(64, "Sequences per generate call.", ge=1)
+    logprob_tolerance: float = F(1e-3, "Max |sampler - trainer| log-prob gap tolerated before a warning.",
+                                 gt=0)
+    vllm_gpu_memory_utilization: float = F(0.3, "vLLM backend: share of GPU memory for its KV cache.",
+                                           gt=0, le=1)
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = F("grpo", "Preset the other fields start from.",
+                  choices=("ppo", "grpo", "dr_grpo", "dapo", "rloo", "reinforce"))
+    advantage: str = F("grpo", "Advantage estimator (tether.core.advantages.ADVANTAGES).",
+                       choices=("gae", "reinforce", "batch_mean", "grpo", "rloo"))
+    std_scale: str = F("group", "Divide outcome advantages by the group or batch std of scores.",
+                       choices=("none", "group", "batch"))
+    whiten_advantages: bool = F(False, "Whiten advantages over the batch's completion tokens.")
+    policy_loss: str = F("clipped", "Policy loss (tether.core.losses.POLICY_LOSSES).",
+                         choices=("reinforce", "clipped", "clipped_sequence"))
+    eps_low: float = F(0.2, "Clip range below 1 for the ratio.", gt=0, lt=1)
+    eps_high: float = F(0.2, "Clip range above 1 for the ratio.", gt=0)
+    dual_clip: float | None = F(None, "Dual-clip bound c > 1 for negative advantages (None = off).", gt=1)
+    aggregation: str = F("seq_mean_token_mean", "How per-token losses become one number "
+                         "(tether.core.losses.AGGREGATIONS).",
+                         choices=("seq_mean_token_mean", "token_mean", "seq_mean_token_sum",
+                                  "seq_mean_token_sum_norm"))
+    kl_mode: str = F("loss", "Where the KL to the reference enters: per-token reward, the loss, or nowhere.",
+                     choices=("reward", "loss", "none"))
+    kl_estimator: str = F("k3", "Sampled KL estimator (k1 log-ratio, k2 half squared, k3 Schulman).",
+                          choices=("k1", "k2", "k3"))
+    beta: float = F(0.04, "KL coefficient (initial value when adaptive).", ge=0)
+    kl_target: float | None = F(None, "Target KL per token; set it to adapt beta (Ziegler et al.).", gt=0)
+    kl_horizon: int = F(10000, "Adaptive beta horizon, in sequences.", ge=1)
+    gamma: float = F(1.0, "GAE discount.", ge=0, le=1)
+    lam: float = F(0.95, "GAE lambda.", ge=0, le=1)
+    value_coef: float = F(0.5, "Value-loss coefficient c_v (needs a critic).", ge=0)
+    value_clip: float | None = F(0.2, "Clip value predictions around the old values (None = off).", gt=0)
+    entropy_coef: float = F(0.0, "Entropy bonus coefficient c_ent.", ge=0)
+    epochs: int = F(1, "Passes (K) over each batch.", ge=1)
+    minibatches: int = F(1, "Optimiser steps (M) per epoch; must divide the batch.", ge=1)
+    target_approx_kl: float | None = F(None, "Stop the epochs early when approx KL(old, new) passes this.",
+                                       gt=0)
+    filter_groups: bool = F(False, "DAPO dynamic sampling: drop groups whose rewards are all equal and "
+                                   "refill from new prompts.")
+    max_filter_rounds: int = F(3, "Extra generation rounds allowed to refill filtered groups.", ge=0)
+    use_critic: bool = F(False, "Train a value head (needed by the gae estimator).")
+    tis_cap: float | None = F(None, "Truncated importance sampling: weight each token by min(pi_old / "
+                                    "pi_sampler, cap) to correct sampler/trainer mismatch.", gt=0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = F(1e-5, "Policy learning rate (AdamW).", gt=0)
+    critic_lr: float = F(1e-5, "Critic learning rate (AdamW).", gt=0)
+    weight_decay: float = F(0.0, "AdamW weight decay.", ge=0)
+    betas: list = F([0.9, 0.999], "AdamW betas.")
+    max_grad_norm: float | None = F(1.0, "Gradient-norm clip (None = off).", gt=0)
+    schedule: str = F("constant", "Learning-rate schedule after warm-up.",
+                      choices=("constant", "linear", "cosine"))
+    warmup_steps: int = F(0, "Optimiser steps of linear warm-up.", ge=0)
+    micro_batch_size: int = F(32, "Sequences per forward/backward (gradient accumulation inside a "
+                                  "minibatch).", ge=1)
+    token_budget: int | None = F(None, "If set, micro-batches are formed by padded-token budget instead of "
+                                       "a fixed count (sequences sorted by length).", ge=1)
+    max_bad_steps: int = F(3, "Consecutive non-finite steps tolerated before the run stops.", ge=1)
+
+
+@dataclass
+class RewardConfig:
+    functions: list = F([], "Reward functions: entries 'module:function', 'path.py:function', "
+                            "'builtin:name', or {spec: ..., weight: ...}.")
+    reward_model: str | None = F(None, "Path of an AutoModelForSequenceClassification reward model.")
+    reward_model_weight: float = F(1.0, "Weight of the reward model's score.")
+    reward_model_batch_size: int = F(16, "Reward-model micro-batch.", ge=1)
+    normalize: bool = F(False, "Running normalisation of reward-model scores.")
+    clip: float | None = F(None, "Clip reward-model scores to [-clip, clip].", gt=0)
+    on_error: str = F("raise", "A reward function that fails: stop with an error, or score the sample "
+                               "None and count it.", choices=("raise", "none"))
+    timeout_s: float | None = F(None, "Per-call timeout of a reward function.", gt=0)
+
+
+@dataclass
+class DataConfig:
+    source: str | None = F(None, "Prompts: a .jsonl/.json/.csv/.parquet file, a dataset saved with "
+                                 "datasets, or 'task:NAME' for a built-in task.")
+    prompt_column: str = F("prompt", "Column holding the prompt; other columns go to reward functions.")
+    on_bad_row: str = F("skip", "Malformed rows: skip them (counted, logged) or stop.",
+                        choices=("skip", "error"))
+    shuffle: bool = F(True, "Shuffle prompts each epoch.")
+
+
+@dataclass
+class TaskConfig:
+    name: str | None = F(None, "Built-in task (tether.tasks.TASKS) for the default pipeline and eval.")
+    train_size: int = F(20000, "Training prompts generated for a built-in task.", ge=1)
+    eval_size: int = F(200, "Held-out prompts for greedy evaluation.", ge=1)
+    options: dict = F({}, "Task options (e.g. digits, partial_credit).")
+    sft: bool = F(True, "Pipeline: SFT the built tiny model on the task's demonstrations first.")
+    sft_steps: int | None = F(None, "Pipeline: SFT steps (default: the task's tuned budget).", ge=1)
+    model_size: dict = F({}, "Pipeline: tiny-model shape overrides (hidden_size, num_layers, num_heads).")
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str | None = F(None, "Run directory; default runs/<time>-<algorithm>.")
+    log_every: int = F(1, "Steps between progress lines (metrics.jsonl gets every step).", ge=1)
+    samples_every: int = F(10, "Steps between writes to samples.jsonl.", ge=1)
+    samples_per_step: int = F(4, "Completions written to samples.jsonl each time.", ge=0)
+    eval_every: int | None = F(None, "Steps between greedy evaluations on a task (None = start/end only).",
+                               ge=1)
+    tensorboard: bool = F(True, "Write TensorBoard event files.")
+    wandb: bool = F(False, "Log to Weights & Biases (needs `pip install wandb`).")
+    wandb_project: str | None = F(None, "W&B project.")
+    report: bool = F(True, "Write report.html at the end.")
+    progress: bool = F(True, "Show a live progress bar.")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int | None = F(None, "Steps between checkpoints (None = only at the end).", ge=1)
+    keep_last: int = F(2, "Complete checkpoints kept.", ge=1)
+    resume: str | None = F(None, "'auto': continue from the newest complete checkpoint of run_dir if "
+                                 "there is one; or a checkpoint path.")
+    save_final: bool = F(True, "Save a checkpoint after the last step.")
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = F("ddp", "With several ranks: replicate (DDP) or shard (FSDP2) the trained models.",
+                      choices=("ddp", "fsdp"))
+    backend: str | None = F(None, "torch.distributed backend; default nccl on GPU, gloo on CPU.")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = F(0, "Seed for every random draw (torch, python, data order, sampling).")
+    steps: int = F(100, "Training steps (one batch of rollouts each).", ge=1)
+    device: str = F("auto", "cpu, cuda, cuda:N, or auto.")
+    threads: int | None = F(None, "CPU threads for torch (None = torch's default).", ge=1)
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Models."})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Sampling."})
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig, metadata={"help": "The algorithm."})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimisation."})
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Rewards."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Prompts."})
+    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "Built-in task."})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Logs and report."})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "Checkpoints."})
+    distributed: DistributedConfig = field(default_factory=DistributedConfig,
+                                           metadata={"help": "Multi-process training."})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building a config from dicts, YAML and overrides
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Turn a YAML/CLI value into the field's type, or raise a ConfigError that names the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("null", "none", "~") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = parsed
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _check_range(value: Any, meta: dict, key: str) -> None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        shown = ", ".join(repr(c) for c in choices)
+        hint = ""
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, [c for c in choices if isinstance(c, str)], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {shown}.{hint}")
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
+    for name, sym, ok in bounds:
+        b = meta.get(name)
+        if b is not None and not ok(value, b):
+            allowed = " and ".join(f"{s} {meta[n]}" for n, s, _ in bounds if meta.get(n) is not None)
+            raise ConfigError(f"{key}: {value!r} is out of range; it must be {allowed}.")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    types = _field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+        hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+        known = ", ".join(fields)
+        raise ConfigError(f"unknown config key '{prefix}{key}'.{hint} Known keys here: {known}.")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        key = prefix + name
+        tp = types[name]
+        if _is_section(tp):
+            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, key + ".")
+        else:
+            value = _coerce(data[name], tp, key)
+            _check_range(value, f.metadata, key)
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a.b=c` strings into a nested dict; values are parsed as YAML scalars (so 1e-5, true, null work)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def resolve_config(raw: dict | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """Defaults <- preset <- raw (e.g. YAML) <- overrides, validated."""
+    from tether.algorithms import preset_dict
+
+    merged = dict(raw or {})
+    if overrides:
+        merged = deep_merge(merged, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    name = (merged.get("algorithm") or {}).get("name", AlgorithmConfig.name)
+    preset = preset_dict(name)
+    cfg = _build(TrainConfig, deep_merge(preset, merged))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that involve several fields."""
+    a, r = cfg.algorithm, cfg.rollout
+    if a.advantage in ("grpo", "rloo") and r.group_size < 2:
+        raise ConfigError(f"algorithm.advantage={a.advantage!r} is a group baseline and needs "
+                          f"rollout.group_size >= 2 (got {r.group_size}).")
+    if a.std_scale == "group" and a.advantage != "gae" and r.group_size < 2:
+        raise ConfigError("algorithm.std_scale='group' divides by the group's std and needs "
+                          f"rollout.group_size >= 2 (got {r.group_size}).")
+    batch = r.prompts_per_step * r.group_size
+    if batch % a.minibatches:
+        raise ConfigError(f"algorithm.minibatches={a.minibatches} does not divide the batch of "
+                          f"{batch} sequences (rollout.prompts_per_step x rollout.group_size).")
+    if a.advantage == "gae" and not a.use_critic:
+        raise ConfigError("algorithm.advantage='gae' needs a critic: set algorithm.use_critic=true.")
+    if a.kl_target is not None and a.kl_mode == "none":
+        raise ConfigError("algorithm.kl_target is set but algorithm.kl_mode='none'.")
+    if a.eps_high < a.eps_low and a.name == "dapo":
+        raise ConfigError("dapo expects algorithm.eps_high >= algorithm.eps_low.")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe(cls=TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every field: the one place every knob is documented."""
+    rows = []
+    types = _field_types(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if _is_section(types[f.name]):
+            rows += describe(types[f.name], key + ".")
+        else:
+            extra = ""
+            if f.metadata.get("choices"):
+                extra = " Choices: " + ", ".join(str(c) for c in f.metadata["choices"]) + "."
+            rows.append((key, json.dumps(getattr(default, f.name)), f.metadata.get("help", "") + extra))
+    return rows

@@ -1,0 +1,166 @@
+"""Loading the models of a run: policy, tokenizer, frozen reference, critic (value head), LoRA adapters."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+log = logging.getLogger("tether")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The policy's tokenizer, left-padded for generation.
+
+    A tokenizer without a pad token gets its EOS token as pad token. That is safe here because every
+    tensor carries an explicit attention / completion mask and completions end at their first EOS, so the
+    pad id is never read as data; adding a new token would instead change the vocabulary and the model.
+    """
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"tokenizer of {path} has neither a pad token nor an EOS token; give it a pad "
+                             "token (tokenizer.pad_token = ...) and save it, then point model.path at it")
+        tok.pad_token = tok.eos_token
+        log.info("tokenizer has no pad token: using its EOS token %r as pad (masks are explicit)",
+                 tok.eos_token)
+    tok.padding_side = "left"
+    return tok
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    cfg = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if cfg is not None and isinstance(getattr(cfg, key, None), float):
+            setattr(cfg, key, 0.0)
+
+
+def load_causal_lm(path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
+                   device: torch.device | str = "cpu", disable_dropout: bool = True) -> nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if disable_dropout:
+        _disable_dropout(model)
+    return model.to(device)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def apply_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_modules) -> nn.Module:
+    """Wrap the policy with peft LoRA adapters; only adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                     task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class ReferencePolicy:
+    """pi_ref: either a separate frozen model, or the LoRA policy with its adapters switched off.
+
+    The LoRA case keeps one copy of the base weights in memory: the reference is exactly the base model.
+    """
+
+    def __init__(self, model: nn.Module | None = None, adapter_host: nn.Module | None = None):
+        assert (model is None) != (adapter_host is None)
+        self.model = model
+        self.adapter_host = adapter_host
+
+    @contextlib.contextmanager
+    def active(self):
+        if self.model is not None:
+            yield self.model
+        else:
+            with self.adapter_host.disable_adapter():
+                yield self.adapter_host
+
+
+class ValueModel(nn.Module):
+    """Critic: a transformer backbone with a scalar head giving V(s_t) at every position."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = nn.Linear(hidden_size, 1)
+        # Small init keeps the first values near 0, so early advantages are close to the raw returns.
+        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden_size + 1) ** 0.5 * 0.1)
+        nn.init.zeros_(self.value_head.bias)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
+                        disable_dropout: bool = True) -> "ValueModel":
+        backbone = AutoModel.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        if disable_dropout:
+            _disable_dropout(backbone)
+        hidden = getattr(backbone.config, "hidden_size", None) or backbone.config.n_embd
+        return cls(backbone, hidden).to(DTYPES[dtype])
+
+    def forward(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return self.value_head(out.last_hidden_state).squeeze(-1).float()
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.backbone.gradient_checkpointing_enable()
+
+
+def context_window(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def copy_frozen(model: nn.Module, dtype: str) -> nn.Module:
+    ref = copy.deepcopy(model).to(DTYPES[dtype])
+    return freeze(ref)
+
+
+def model_path_exists(path: str) -> bool:
+    return Path(path).exists()
+
+
+def merge_lora(adapter_dir: str, out_dir: str, *, base: str | None = None) -> str:
+    """Merge a saved LoRA adapter into its base model and save a plain HF model (+ tokenizer) to `out_dir`."""
+    import json
+
+    from peft import PeftModel
+
+    adapter = Path(adapter_dir)
+    cfg_path = adapter / "adapter_config.json"
+    if not cfg_path.exists():
+        raise ValueError(f"{adapter} holds no adapter_config.json: not a LoRA adapter directory")
+    base = base or json.loads(cfg_path.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError("the adapter does not record its base model; pass --base")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tok_src = adapter if (adapter / "tokenizer_config.json").exists() else Path(base)
+    AutoTokenizer.from_pretrained(tok_src).save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,103 @@
+"""The Rollout batch: one object that travels through every stage of a step.
+
+Layout: `input_ids_BL = [prompt (left-padded, P) | completion (right-padded, T)]`, so completion token t
+sits at position P + t and is predicted by the logits at position P + t - 1.
+Stages add fields (scores, old/ref log-probs, values, advantages) and never reach back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+@dataclass
+class Rollout:
+    input_ids_BL: torch.Tensor           # prompt + completion token ids
+    attention_mask_BL: torch.Tensor      # 1 on real prompt tokens and on completion tokens up to EOS
+    prompt_len: int                      # P: width of the left-padded prompt block
+    response_mask_BT: torch.Tensor       # float, 1 on completion tokens up to and including EOS
+    sampler_logprobs_BT: torch.Tensor | None  # log-probs the sampler drew each token with (float32)
+    truncated_B: torch.Tensor            # bool: hit max_new_tokens without EOS or a stop string
+    prompts: list[str]
+    completions: list[str]
+    rows: list[dict]                     # dataset rows (other columns go to reward functions)
+    group_size: int
+    # Added by later stages
+    scores_B: torch.Tensor | None = None
+    valid_B: torch.Tensor | None = None
+    reward_stats: dict = field(default_factory=dict)
+    old_logprobs_BT: torch.Tensor | None = None
+    ref_logprobs_BT: torch.Tensor | None = None
+    old_values_BT: torch.Tensor | None = None
+    advantages_BT: torch.Tensor | None = None
+    returns_BT: torch.Tensor | None = None
+
+    @property
+    def completion_ids_BT(self) -> torch.Tensor:
+        return self.input_ids_BL[:, self.prompt_len:]
+
+    @property
+    def position_ids_BL(self) -> torch.Tensor:
+        # Explicit positions make left padding exact: the first real token is position 0 in every row.
+        return (self.attention_mask_BL.cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def completion_lengths_B(self) -> torch.Tensor:
+        return self.response_mask_BT.sum(-1).long()
+
+    def __len__(self) -> int:
+        return self.input_ids_BL.shape[0]
+
+    def select(self, index: torch.Tensor | list[int]) -> "Rollout":
+        """Rows `index` of every per-sequence field (used to filter groups and to split across ranks)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        kept = idx.tolist()
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor) and v.dim() >= 1:
+                out[f.name] = v[idx]
+            elif isinstance(v, list) and len(v) == len(self):
+                out[f.name] = [v[i] for i in kept]
+            else:
+                out[f.name] = v
+        return Rollout(**out)
+
+    @staticmethod
+    def concat(parts: list["Rollout"], pad_token_id: int) -> "Rollout":
+        """Join rollouts whose prompt/completion widths differ, re-padding both blocks."""
+        if len(parts) == 1:
+            return parts[0]
+        P = max(p.prompt_len for p in parts)
+        T = max(p.response_mask_BT.shape[1] for p in parts)
+
+        def pad_prompt(x, value):  # left-pad the prompt block to P
+            return torch.nn.functional.pad(x, (P - x.shape[1], 0), value=value)
+
+        def pad_completion(x, value):  # right-pad the completion block to T
+            return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=value)
+
+        ids, am, rm, slp = [], [], [], []
+        for p in parts:
+            ids.append(torch.cat([pad_prompt(p.input_ids_BL[:, :p.prompt_len], pad_token_id),
+                                  pad_completion(p.completion_ids_BT, pad_token_id)], 1))
+            am.append(torch.cat([pad_prompt(p.attention_mask_BL[:, :p.prompt_len], 0),
+                                 pad_completion(p.attention_mask_BL[:, p.prompt_len:], 0)], 1))
+            rm.append(pad_completion(p.response_mask_BT, 0.0))
+            if p.sampler_logprobs_BT is not None:
+                slp.append(pad_completion(p.sampler_logprobs_BT, 0.0))
+        out = Rollout(
+            input_ids_BL=torch.cat(ids), attention_mask_BL=torch.cat(am), prompt_len=P,
+            response_mask_BT=torch.cat(rm),
+            sampler_logprobs_BT=torch.cat(slp) if len(slp) == len(parts) else None,
+            truncated_B=torch.cat([p.truncated_B for p in parts]),
+            prompts=sum((p.prompts for p in parts), []), completions=sum((p.completions for p in parts), []),
+            rows=sum((p.rows for p in parts), []), group_size=parts[0].group_size,
+        )
+        for name in ("scores_B", "valid_B"):
+            vals = [getattr(p, name) for p in parts]
+            if all(v is not None for v in vals):
+                setattr(out, name, torch.cat(vals))
+        return out

@@ -1,0 +1,108 @@
+"""Forward passes over a Rollout: micro-batches, completion-only logits, log-probs, entropy, values."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tether.core.logprobs import logprobs_and_entropy
+from tether.rollout.batch import Rollout
+
+
+@dataclass
+class MicroBatch:
+    """Rows `index` of a rollout, trimmed to the widest prompt and completion they contain."""
+
+    index: torch.Tensor        # [b] rows of the full batch
+    input_ids: torch.Tensor    # [b, p + t]
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_len: int            # p
+    completion_ids: torch.Tensor  # [b, t]
+    response_mask: torch.Tensor   # [b, t] float
+
+    @property
+    def width(self) -> int:
+        return self.completion_ids.shape[1]
+
+
+def make_micro_batch(rollout: Rollout, index: torch.Tensor) -> MicroBatch:
+    P = rollout.prompt_len
+    ids = rollout.input_ids_BL[index]
+    am = rollout.attention_mask_BL[index]
+    rmask = rollout.response_mask_BT[index]
+    # Trim padding both sides: fewer positions means fewer FLOPs and a smaller [b, t, V] logits tensor.
+    t = max(int(rmask.sum(-1).max().item()), 1)
+    p_real = int(am[:, :P].sum(-1).max().item())
+    start = P - p_real
+    ids = ids[:, start:P + t]
+    am = am[:, start:P + t]
+    return MicroBatch(
+        index=index, input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0),
+        prompt_len=p_real, completion_ids=ids[:, p_real:], response_mask=rmask[:, :t],
+    )
+
+
+def split_micro_batches(rollout: Rollout, rows: torch.Tensor, *, micro_batch_size: int,
+                        token_budget: int | None = None) -> list[MicroBatch]:
+    """Split `rows` into micro-batches by count, or by a padded-token budget after sorting by length.
+
+    Sorting by length before packing under a budget cuts padding: rows of similar length share a batch.
+    """
+    if token_budget is None:
+        return [make_micro_batch(rollout, idx) for idx in rows.split(micro_batch_size)]
+    lengths = rollout.attention_mask_BL[rows].sum(-1)
+    order = rows[torch.argsort(lengths, descending=True, stable=True)]
+    sorted_len = rollout.attention_mask_BL[order].sum(-1).tolist()
+    batches, current, widest = [], [], 0
+    for row, n in zip(order.tolist(), sorted_len):
+        if current and max(widest, n) * (len(current) + 1) > token_budget:
+            batches.append(current)
+            current, widest = [], 0
+        current.append(row)
+        widest = max(widest, n)
+    if current:
+        batches.append(current)
+    return [make_micro_batch(rollout, torch.tensor(b)) for b in batches]
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def policy_logprobs(model: nn.Module, mb: MicroBatch, *, temperature: float, with_entropy: bool,
+                    autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(o_t | q, o_<t) / temperature-scaled, for the completion tokens of a micro-batch.
+
+    `logits_to_keep` asks the model for logits at the last t+1 positions only: position P-1+t predicts
+    completion token t, and the final position predicts nothing, so it is dropped.
+    """
+    device = mb.input_ids.device
+    with autocast_context(device, autocast_dtype):
+        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                    logits_to_keep=mb.width + 1, use_cache=False)
+    logits = out.logits[:, :-1]
+    return logprobs_and_entropy(logits, mb.completion_ids, temperature=temperature, mask_BT=mb.response_mask,
+                                with_entropy=with_entropy)
+
+
+def critic_values(critic: nn.Module, mb: MicroBatch, *, autocast_dtype: torch.dtype | None = None
+                  ) -> torch.Tensor:
+    """V(s_t) for each completion token t: the value at the position that predicts token t."""
+    with autocast_context(mb.input_ids.device, autocast_dtype):
+        values = critic(mb.input_ids, mb.attention_mask, mb.position_ids)
+    p, t = mb.prompt_len, mb.width
+    return values[:, p - 1:p - 1 + t].float() * mb.response_mask
+
+
+def scatter_rows(full_BT: torch.Tensor, mb: MicroBatch, part: torch.Tensor) -> None:
+    full_BT[mb.index, :part.shape[1]] = part.to(full_BT.dtype)
+
+
+def gather_rows(full_BT: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    return full_BT[mb.index, :mb.width]

@@ -1,0 +1,585 @@
+"""The RL training loop: one step reads top to bottom like the roadmap of the PPO seed.
+
+    collect (generate G completions per prompt) -> score -> pi_old / pi_ref log-probs and values (no grad)
+    -> KL in the reward or in the loss -> advantages -> K epochs x M minibatches of the composite loss
+    -> early stop on approx KL(old, new) -> adapt beta from the measured KL per token -> statistics.
+
+Every algorithmic choice is a field of `TrainConfig.algorithm`; the pieces are `tether.core` functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from transformers import get_scheduler
+
+from tether import models as M
+from tether.config import TrainConfig, dump_yaml
+from tether.core.advantages import ADVANTAGES, kl_shaped_token_rewards, masked_mean, masked_whiten
+from tether.core.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
+from tether.core.losses import POLICY_LOSSES, composite_loss, explained_variance, value_loss
+from tether.rollout.batch import Rollout
+from tether.train.distributed import Dist
+from tether.train.forward import (
+    critic_values,
+    gather_rows,
+    policy_logprobs,
+    scatter_rows,
+    split_micro_batches,
+)
+from tether.train.stats import StatAccumulator
+
+log = logging.getLogger("tether")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. several non-finite steps in a row)."""
+
+
+@dataclass
+class StepResult:
+    step: int
+    metrics: dict[str, float]
+    rollout: Rollout = field(repr=False)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Owns the models, optimisers and state of one run; `step()` is one iteration of the loop."""
+
+    def __init__(self, cfg: TrainConfig, *, rows: list[dict], reward_fn: Callable | None = None,
+                 run_dir: str | Path | None = None, dist: Dist | None = None):
+        self.cfg = cfg
+        self.dist = dist or Dist()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.device = M.resolve_device(cfg.device)
+        self.run_dir = Path(run_dir) if run_dir else None
+        a, m = cfg.algorithm, cfg.model
+
+        # --- models -------------------------------------------------------------------------------------
+        self.tokenizer = M.load_tokenizer(m.path, trust_remote_code=m.trust_remote_code)
+        self.policy = M.load_causal_lm(m.path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                                       device=self.device, disable_dropout=m.disable_dropout)
+        self.context_window = M.context_window(self.policy)
+        self.autocast_dtype = M.DTYPES[m.autocast] if m.autocast else None
+        self.uses_reference = a.kl_mode != "none" and (a.beta > 0 or a.kl_target is not None)
+        if m.lora.r > 0:
+            self.policy = M.apply_lora(self.policy, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                                       target_modules=m.lora.target_modules)
+        if m.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+            self.policy.config.use_cache = False
+        self.reference = None
+        if self.uses_reference:
+            if m.lora.r > 0 and m.ref_path is None:
+                self.reference = M.ReferencePolicy(adapter_host=self.policy)
+            elif m.ref_path is None:
+                self.reference = M.ReferencePolicy(model=M.copy_frozen(self.policy, m.frozen_dtype))
+            else:
+                ref = M.load_causal_lm(m.ref_path, dtype=m.frozen_dtype, trust_remote_code=m.trust_remote_code,
+                                       device=self.device)
+                self.reference = M.ReferencePolicy(model=M.freeze(ref))
+        self.critic = None
+        if a.use_critic:
+            self.critic = M.ValueModel.from_pretrained(m.critic_path or m.path, dtype=m.dtype,
+                                                       trust_remote_code=m.trust_remote_code,
+                                                       disable_dropout=m.disable_dropout).to(self.device)
+            if m.gradient_checkpointing:
+                self.critic.gradient_checkpointing_enable()
+        self.policy.train()
+        self._wrap_distributed()
+
+        # --- optimisation -------------------------------------------------------------------------------
+        o = cfg.optim
+        self.updates_per_step = a.epochs * a.minibatches
+        total_updates = cfg.steps * self.updates_per_step
+        self.optimizers = {"policy": self._adamw(self.policy, o.lr)}
+        if self.critic is not None:
+            self.optimizers["critic"] = self._adamw(self.critic, o.critic_lr)
+        sched_name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[o.schedule]
+        self.schedulers = {k: get_scheduler(sched_name, opt, num_warmup_steps=o.warmup_steps,
+                                            num_training_steps=total_updates)
+                           for k, opt in self.optimizers.items()}
+        self.kl_ctl = (AdaptiveKLController(a.beta, a.kl_target, a.kl_horizon) if a.kl_target is not None
+                       else FixedKLController(a.beta))
+
+        # --- rollouts, rewards, data --------------------------------------------------------------------
+        self.backend = self._make_backend()
+        self.reward = reward_fn
+        from tether.data import PromptSampler
+
+        self.rows = rows
+        self.sampler = PromptSampler(rows, batch_size=cfg.rollout.prompts_per_step, seed=cfg.seed,
+                                     shuffle=cfg.data.shuffle)
+        self.step_count = 0
+        self.bad_steps = 0
+        if self.run_dir is not None and self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, self.run_dir / "config.yaml")
+
+    # ------------------------------------------------------------------------------------------------------
+    # set-up helpers
+
+    def _adamw(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        o = self.cfg.optim
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+    def _wrap_distributed(self) -> None:
+        """DDP (replicated) or FSDP2 (sharded) wrappers when launched with several ranks."""
+        self.policy_module = self.policy  # what forward passes call (the wrapper, if any)
+        self.critic_module = self.critic
+        if not self.dist.enabled:
+            return
+        if self.cfg.distributed.strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for mod in [self.policy] + ([self.critic] if self.critic is not None else []):
+                fully_shard(mod)
+            return
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.policy_module = DDP(self.policy, device_ids=ids)
+        if self.critic is not None:
+            self.critic_module = DDP(self.critic, device_ids=ids)
+
+    def _make_backend(self):
+        r, m = self.cfg.rollout, self.cfg.model
+        if r.backend == "vllm":
+            from tether.rollout.vllm import VLLMBackend
+
+            return VLLMBackend(self.policy, self.tokenizer, m.path, r)
+        from tether.rollout.hf import HFGenerateBackend
+
+        return HFGenerateBackend(self.policy, self.tokenizer, max_new_tokens=r.max_new_tokens,
+                                 temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                 stop_strings=r.stop_strings, micro_batch_size=r.micro_batch_size,
+                                 chat_template=m.chat_template, autocast_dtype=self.autocast_dtype)
+
+    @property
+    def beta(self) -> float:
+        return self.kl_ctl.value
+
+    # ------------------------------------------------------------------------------------------------------
+    # 1. collect: generate and score
+
+    def collect(self) -> Rollout:
+        """Draw prompts, sample G completions each, score them; DAPO-style refill of filtered groups."""
+        a, r = self.cfg.algorithm, self.cfg.rollout
+        wanted = r.prompts_per_step // self.dist.world_size
+        kept: list[Rollout] = []
+        n_groups = 0
+        for round_ in range(1 + (a.max_filter_rounds if a.filter_groups else 0)):
+            rows = self.dist.shard(self.sampler.next_batch(), 1)
+            self._check_prompt_lengths(rows)
+            t0 = time.perf_counter()
+            rollout = self.backend.generate(rows, [row["prompt"] for row in rows], group_size=r.group_size)
+            self.timing["generate"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self.score(rollout)
+            self.timing["score"] += time.perf_counter() - t0
+            if a.filter_groups:
+                rollout, dropped = self._filter_uniform_groups(rollout)
+                self.filtered_groups += dropped
+            kept.append(rollout)
+            n_groups += len(rollout) // r.group_size
+            if not a.filter_groups or n_groups >= wanted:
+                break
+        rollout = Rollout.concat([k for k in kept if len(k)] or kept[:1], self.tokenizer.pad_token_id)
+        if a.filter_groups and len(rollout) > wanted * r.group_size:
+            rollout = rollout.select(list(range(wanted * r.group_size)))
+        if len(rollout) == 0:
+            raise TrainingError("every group had identical rewards after all refill rounds "
+                                "(algorithm.filter_groups): nothing to learn from; check the reward")
+        return rollout
+
+    def _check_prompt_lengths(self, rows: list[dict]) -> None:
+        if self.context_window is None:
+            return
+        limit = self.cfg.rollout.max_prompt_tokens or (self.context_window - self.cfg.rollout.max_new_tokens)
+        for row in rows:
+            n = len(self.tokenizer(row["prompt"]).input_ids)
+            if n > limit:
+                raise ValueError(f"prompt of {n} tokens does not fit: the context window is "
+                                 f"{self.context_window} tokens and rollout.max_new_tokens is "
+                                 f"{self.cfg.rollout.max_new_tokens} (limit {limit}): {row['prompt'][:60]!r}...")
+
+    def score(self, rollout: Rollout) -> None:
+        columns: dict[str, list] = {}
+        keys = {k for row in rollout.rows for k in row if k != "prompt"}
+        for k in sorted(keys):
+            columns[k] = [row.get(k) for row in rollout.rows]
+        columns["truncated"] = rollout.truncated_B.tolist()
+        columns["completion_lengths"] = rollout.completion_lengths_B.tolist()
+        result = self.reward(rollout.prompts, rollout.completions, columns)
+        rollout.scores_B = result.scores.float().to(self.device)
+        rollout.valid_B = result.valid.bool().to(self.device)
+        rollout.reward_stats = dict(result.stats)
+
+    def _filter_uniform_groups(self, rollout: Rollout) -> tuple[Rollout, int]:
+        G = rollout.group_size
+        scores = rollout.scores_B.nan_to_num(float("nan")).view(-1, G)
+        valid = rollout.valid_B.view(-1, G)
+        spread = torch.where(valid, scores, torch.nan)
+        has_signal = (torch.nan_to_num(spread, nan=float("inf")).amin(-1)
+                      < torch.nan_to_num(spread, nan=float("-inf")).amax(-1))
+        keep = has_signal.nonzero().flatten()
+        rows = (keep.unsqueeze(-1) * G + torch.arange(G)).flatten()
+        return rollout.select(rows), int((~has_signal).sum())
+
+    # ------------------------------------------------------------------------------------------------------
+    # 2. no-grad passes: pi_old and pi_ref log-probs, old values
+
+    def _micro_batches(self, rollout: Rollout, rows: torch.Tensor):
+        o = self.cfg.optim
+        return split_micro_batches(rollout, rows, micro_batch_size=o.micro_batch_size,
+                                   token_budget=o.token_budget)
+
+    def _sampler_is_exact(self) -> bool:
+        """The sampler drew from softmax(logits / T) itself (no top-k / top-p truncation)."""
+        r = self.cfg.rollout
+        return r.top_k == 0 and r.top_p >= 1.0 and r.backend == "hf"
+
+    @torch.no_grad()
+    def reference_passes(self, rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatAccumulator) -> None:
+        a, r = self.cfg.algorithm, self.cfg.rollout
+        B, T = rollout.response_mask_BT.shape
+        need_old = self.updates_per_step > 1 or (
+            a.kl_mode == "reward" and self.uses_reference and not self._sampler_is_exact())
+        minibatches = first_epoch_order.tensor_split(a.minibatches)
+        # Micro-batches aligned with the first epoch's, so the first minibatch's ratio is exactly 1.
+        micro = [mb for rows in minibatches for mb in self._micro_batches(rollout, rows)]
+        if need_old:
+            rollout.old_logprobs_BT = torch.zeros(B, T, device=self.device)
+            for mb in micro:
+                lp, _ = policy_logprobs(self.policy, mb, temperature=r.temperature, with_entropy=False,
+                                        autocast_dtype=self.autocast_dtype)
+                scatter_rows(rollout.old_logprobs_BT, mb, lp)
+                self._log_mismatch(acc, lp, gather_rows(rollout.sampler_logprobs_BT, mb)
+                                   if rollout.sampler_logprobs_BT is not None else None, mb.response_mask)
+        if self.uses_reference:
+            rollout.ref_logprobs_BT = torch.zeros(B, T, device=self.device)
+            with self.reference.active() as ref_model:
+                for mb in micro:
+                    lp, _ = policy_logprobs(ref_model, mb, temperature=r.temperature, with_entropy=False,
+                                            autocast_dtype=self.autocast_dtype)
+                    scatter_rows(rollout.ref_logprobs_BT, mb, lp)
+        if self.critic is not None:
+            rollout.old_values_BT = torch.zeros(B, T, device=self.device)
+            for mb in micro:
+                scatter_rows(rollout.old_values_BT, mb, critic_values(self.critic, mb,
+                                                                      autocast_dtype=self.autocast_dtype))
+
+    @staticmethod
+    def _log_mismatch(acc: StatAccumulator, trainer_lp: torch.Tensor, sampler_lp: torch.Tensor | None,
+                      mask: torch.Tensor) -> None:
+        """|log pi_sampler - log pi_trainer| per token: must be float noise when both are the same policy."""
+        if sampler_lp is None:
+            return
+        gap = (trainer_lp - sampler_lp).abs() * mask
+        acc.maximum("rollout/logprob_mismatch_max", gap.max())
+        acc.mean("rollout/logprob_mismatch_mean", gap.sum() / mask.sum().clamp(min=1), mask.sum())
+
+    def policy_logprobs_before_update(self, rollout: Rollout) -> torch.Tensor | None:
+        """log pi_old for KL-in-reward and the KL statistic: the old pass, else the exact sampler log-probs."""
+        if rollout.old_logprobs_BT is not None:
+            return rollout.old_logprobs_BT
+        if self._sampler_is_exact():
+            return rollout.sampler_logprobs_BT
+        return None
+
+    # ------------------------------------------------------------------------------------------------------
+    # 3. advantages
+
+    def compute_advantages(self, rollout: Rollout, stats: dict) -> None:
+        a = self.cfg.algorithm
+        mask = rollout.response_mask_BT
+        valid = rollout.valid_B
+        scores = torch.where(valid, rollout.scores_B, torch.zeros_like(rollout.scores_B))
+        token_rewards = None
+        old_lp = self.policy_logprobs_before_update(rollout)
+        if self.uses_reference and old_lp is not None:
+            # Sampled KL per token of the policy that generated the batch, for logging and adaptive beta.
+            kl_k1 = KL_ESTIMATORS["k1"](old_lp, rollout.ref_logprobs_BT) * mask
+            stats["kl/ref_per_token"] = self._global_masked_mean(kl_k1, mask)
+        if a.kl_mode == "reward" and self.uses_reference:
+            kl_BT = KL_ESTIMATORS[a.kl_estimator](old_lp, rollout.ref_logprobs_BT) * mask
+            if a.advantage == "gae":
+                token_rewards = kl_shaped_token_rewards(scores, kl_BT, mask, beta=self.beta)
+            else:  # outcome estimators see the sequence score minus the summed KL penalty
+                scores = scores - self.beta * kl_BT.sum(-1)
+        scores_global = self.dist.gather_cat(scores)
+        valid_global = self.dist.gather_cat(valid)
+        fn = ADVANTAGES[a.advantage]
+        if a.advantage == "gae":
+            adv, returns = fn(scores_B=scores, response_mask_BT=mask, token_rewards_BT=token_rewards,
+                              values_BT=rollout.old_values_BT, gamma=a.gamma, lam=a.lam)
+        else:
+            # Outcome baselines need batch-wide statistics: compute on the gathered scores, keep our rows.
+            T = mask.shape[1]
+            ones = torch.ones(scores_global.shape[0], T, device=mask.device)
+            adv_all, _ = fn(scores_B=scores_global, response_mask_BT=ones, group_size=rollout.group_size,
+                            std_scale=a.std_scale, valid_B=valid_global)
+            lo = self.dist.rank * len(rollout)
+            adv, returns = adv_all[lo:lo + len(rollout)] * mask, None
+        if a.whiten_advantages:
+            adv = self._global_whiten(adv, mask * valid.unsqueeze(-1))
+        rollout.advantages_BT = adv * mask * valid.unsqueeze(-1)
+        rollout.returns_BT = returns
+
+    def _global_masked_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
+        s = self.dist.sum(torch.stack([(x * mask).sum(), mask.sum()]))
+        return (s[0] / s[1].clamp(min=1)).item()
+
+    def _global_whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not self.dist.enabled:
+            return masked_whiten(x, mask)
+        s = self.dist.sum(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]))
+        mean = s[0] / s[2]
+        var = (s[1] / s[2] - mean**2) * s[2] / (s[2] - 1).clamp(min=1)
+        return (x - mean) * torch.rsqrt(var + 1e-8)
+
+    # ------------------------------------------------------------------------------------------------------
+    # 4. the update: K epochs x M minibatches of the composite loss
+
+    def update(self, rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatAccumulator) -> dict:
+        a, r = self.cfg.algorithm, self.cfg.rollout
+        B, T = rollout.response_mask_BT.shape
+        loss_fn = POLICY_LOSSES[a.policy_loss]
+        need_entropy = True  # entropy per token is always logged; it is computed in the same chunked pass
+        world = self.dist.world_size
+        epochs_done, updates, skipped, stopped_early = 0, 0, 0, False
+        first_minibatch = True
+        for epoch in range(a.epochs):
+            order = first_epoch_order if epoch == 0 else torch.randperm(B)
+            for mb_rows in order.tensor_split(a.minibatches):
+                # Denominators of the whole minibatch over all ranks: micro-batches and ranks then add up
+                # to exactly the full-minibatch loss (DDP averages gradients, hence the factor `world`).
+                counts = self.dist.sum(torch.stack([torch.tensor(float(len(mb_rows))),
+                                                    rollout.response_mask_BT[mb_rows].sum().cpu()]))
+                n_seq, n_tok = counts[0].item(), counts[1].item()
+                mb_loss_stats: dict[str, torch.Tensor] = {}
+                approx_kl_sum = torch.zeros(())
+                for mb in self._micro_batches(rollout, mb_rows):
+                    lp, ent = policy_logprobs(self.policy_module, mb, temperature=r.temperature,
+                                              with_entropy=need_entropy, autocast_dtype=self.autocast_dtype)
+                    mask = mb.response_mask
+                    old = (gather_rows(rollout.old_logprobs_BT, mb) if rollout.old_logprobs_BT is not None
+                           else lp.detach())
+                    adv = gather_rows(rollout.advantages_BT, mb)
+                    if a.tis_cap is not None and rollout.sampler_logprobs_BT is not None:
+                        # Truncated IS for sampler/trainer mismatch: w = min(pi_old / pi_sampler, cap).
+                        w = torch.exp(old - gather_rows(rollout.sampler_logprobs_BT, mb)).clamp(max=a.tis_cap)
+                        adv = adv * w.detach()
+                    pl_BT, pstats = loss_fn(lp, old, adv, mask, eps_low=a.eps_low, eps_high=a.eps_high,
+                                            dual_clip=a.dual_clip)
+                    kl_BT = None
+                    if a.kl_mode == "loss" and self.uses_reference:
+                        kl_BT = KL_ESTIMATORS[a.kl_estimator](lp, gather_rows(rollout.ref_logprobs_BT, mb))
+                    vl_BT = None
+                    if self.critic is not None:
+                        values = critic_values(self.critic_module, mb, autocast_dtype=self.autocast_dtype)
+                        vl_BT, vstats = value_loss(values, gather_rows(rollout.old_values_BT, mb),
+                                                   gather_rows(rollout.returns_BT, mb), mask,
+                                                   clip_range=a.value_clip)
+                        acc.mean("value/clip_frac", vstats["value_clip_frac"], mask.sum())
+                    loss, lstats = composite_loss(
+                        policy_loss_BT=pl_BT, response_mask_BT=mask, aggregation=a.aggregation,
+                        value_loss_BT=vl_BT, value_coef=a.value_coef, entropy_BT=ent,
+                        entropy_coef=a.entropy_coef, kl_BT=kl_BT, kl_coef=self.beta if kl_BT is not None else 0.0,
+                        num_sequences=n_seq, num_tokens=n_tok, max_len=r.max_new_tokens)
+                    (loss * world).backward()
+                    ntok = mask.sum()
+                    for k, v in lstats.items():  # each micro-batch holds its share of the minibatch sum
+                        mb_loss_stats[k] = mb_loss_stats.get(k, 0.0) + v.detach()
+                    if "approx_kl" in pstats:
+                        approx_kl_sum = approx_kl_sum + pstats["approx_kl"].detach() * ntok
+                    for k in ("clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean", "dual_clip_frac"):
+                        if k in pstats:
+                            acc.mean(f"policy/{k}", pstats[k], ntok)
+                    if "ratio_min" in pstats:
+                        acc.minimum("policy/ratio_min", pstats["ratio_min"])
+                        acc.maximum("policy/ratio_max", pstats["ratio_max"])
+                    if ent is not None:
+                        acc.mean("policy/entropy", (ent * mask).sum() / ntok.clamp(min=1), ntok)
+                    if first_minibatch and rollout.old_logprobs_BT is None:
+                        # No old pass: the first minibatch's forward is pi_old, the policy that sampled.
+                        self._log_mismatch(acc, lp.detach(), gather_rows(rollout.sampler_logprobs_BT, mb), mask)
+                    if first_minibatch and "ratio_max" in pstats:
+                        acc.maximum("policy/first_minibatch_ratio_dev",
+                                    (torch.exp(lp.detach() - old) - 1).abs().mul(mask).max())
+                first_minibatch = False
+                keys = list(mb_loss_stats)
+                summed = self.dist.sum(torch.stack([mb_loss_stats[k] for k in keys] + [approx_kl_sum]))
+                for k, v in zip(keys, summed[:-1]):
+                    acc.mean(k, v)
+                if self._optimizer_step(acc):
+                    updates += 1
+                else:
+                    skipped += 1
+                # Early stop when pi_theta has moved too far from pi_old (same decision on every rank).
+                if a.target_approx_kl is not None and summed[-1].item() / max(n_tok, 1) > a.target_approx_kl:
+                    stopped_early = True
+                    break
+            epochs_done += 1
+            if stopped_early:
+                break
+        return {"update/epochs_done": epochs_done, "update/optimizer_steps": updates,
+                "update/skipped": skipped, "update/early_stopped": float(stopped_early)}
+
+    def _optimizer_step(self, acc: StatAccumulator) -> bool:
+        """Clip, check finiteness, step. A non-finite loss or gradient leaves weights and optimiser as they were."""
+        max_norm = self.cfg.optim.max_grad_norm
+        ok = True
+        for name, opt in self.optimizers.items():
+            params = [p for g in opt.param_groups for p in g["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+            acc.mean(f"optim/grad_norm_{name}", norm)
+            if not torch.isfinite(norm):
+                ok = False
+                self.last_bad_cause = f"non-finite gradient norm of the {name} ({norm.item()})"
+        if ok:
+            for name, opt in self.optimizers.items():
+                opt.step()
+                self.schedulers[name].step()
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        return ok
+
+    # ------------------------------------------------------------------------------------------------------
+    # one step
+
+    def step(self) -> StepResult:
+        a, r = self.cfg.algorithm, self.cfg.rollout
+        self.timing = {"generate": 0.0, "score": 0.0, "logprobs": 0.0, "update": 0.0}
+        self.filtered_groups = 0
+        t_step = time.perf_counter()
+        stats: dict[str, float] = {}
+
+        rollout = self.collect()
+        B = len(rollout)
+        first_epoch_order = torch.randperm(B) if a.minibatches > 1 else torch.arange(B)
+
+        acc = StatAccumulator()
+        t0 = time.perf_counter()
+        self.reference_passes(rollout, first_epoch_order, acc)
+        self.timing["logprobs"] = time.perf_counter() - t0
+
+        self.compute_advantages(rollout, stats)
+
+        t0 = time.perf_counter()
+        stats.update(self.update(rollout, first_epoch_order, acc))
+        self.timing["update"] = time.perf_counter() - t0
+        stats.update(acc.result())
+
+        # Adaptive beta from the KL per token measured on this batch (Ziegler et al. 2019).
+        if "kl/ref_per_token" in stats:
+            self.kl_ctl.update(stats["kl/ref_per_token"], B * self.dist.world_size)
+        self.step_count += 1
+        stats.update(self._rollout_stats(rollout))
+        stats["kl/beta"] = self.beta
+        for k, v in self.timing.items():
+            stats[f"time/{k}"] = v
+        stats["time/step"] = time.perf_counter() - t_step
+        stats["throughput/tokens_per_s"] = stats["completion/tokens"] / max(stats["time/step"], 1e-9)
+        stats["optim/lr"] = self.schedulers["policy"].get_last_lr()[0]
+        self._check_finite_step(stats)
+        return StepResult(self.step_count, stats, rollout)
+
+    def _rollout_stats(self, rollout: Rollout) -> dict[str, float]:
+        mask = rollout.response_mask_BT
+        valid = rollout.valid_B
+        lengths = mask.sum(-1)
+        scores = rollout.scores_B[valid]
+        d = self.dist
+        n_valid = d.sum(valid.sum().float())
+        s = d.sum(torch.stack([scores.sum(), (scores**2).sum(), lengths.sum(), rollout.truncated_B.float().sum(),
+                               torch.tensor(float(len(rollout)))]))
+        mean = s[0] / n_valid.clamp(min=1)
+        var = (s[1] / n_valid.clamp(min=1) - mean**2).clamp(min=0)
+        adv_mask = mask * valid.unsqueeze(-1)
+        adv = rollout.advantages_BT
+        out = {
+            "reward/mean": mean.item(), "reward/std": var.sqrt().item(),
+            "reward/min": d.min(scores.min() if len(scores) else torch.tensor(math.nan)).item(),
+            "reward/max": d.max(scores.max() if len(scores) else torch.tensor(math.nan)).item(),
+            "reward/valid_frac": (n_valid / s[4]).item(),
+            "completion/length_mean": (s[2] / s[4]).item(),
+            "completion/length_max": d.max(lengths.max()).item(),
+            "completion/truncated_frac": (s[3] / s[4]).item(),
+            "completion/tokens": s[2].item(),
+            "advantages/mean": masked_mean(adv, adv_mask).item() if adv_mask.sum() > 0 else 0.0,
+            "advantages/std": masked_mean((adv - masked_mean(adv, adv_mask)) ** 2, adv_mask).sqrt().item()
+            if adv_mask.sum() > 0 else 0.0,
+        }
+        if self.cfg.algorithm.filter_groups:
+            out["rollout/filtered_groups"] = float(self.filtered_groups)
+        if rollout.returns_BT is not None and rollout.old_values_BT is not None:
+            out["value/explained_variance"] = explained_variance(rollout.old_values_BT, rollout.returns_BT,
+                                                                 mask).item()
+        out.update(rollout.reward_stats)
+        return out
+
+    def _check_finite_step(self, stats: dict) -> None:
+        if stats["update/optimizer_steps"] > 0:
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        cause = getattr(self, "last_bad_cause", "non-finite loss")
+        log.warning("step %d skipped: %s; weights and optimiser state left untouched (%d in a row)",
+                    self.step_count, cause, self.bad_steps)
+        if self.bad_steps >= self.cfg.optim.max_bad_steps:
+            raise TrainingError(f"{self.bad_steps} consecutive steps had no finite update ({cause}); stopping "
+                                "before anything is corrupted. Lower optim.lr, check the reward scale, or "
+                                "use model.dtype=float32.")
+
+    # ------------------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def state(self) -> dict:
+        return {"step": self.step_count, "sampler": self.sampler.state_dict(),
+                "kl_controller": self.kl_ctl.state_dict(), "bad_steps": self.bad_steps}
+
+    def save(self, keep_last: int) -> Path | None:
+        from tether.train.checkpoint import save_checkpoint
+
+        if self.run_dir is None or not self.dist.is_main:
+            self.dist.barrier()
+            return None
+        models = {"policy": self.policy}
+        if self.critic is not None:
+            models["critic"] = self.critic
+        path = save_checkpoint(self.run_dir, self.step_count, models=models, optimizers=self.optimizers,
+                               schedulers=self.schedulers, state=self.state(), keep_last=keep_last,
+                               tokenizer=self.tokenizer)
+        self.dist.barrier()
+        return path
+
+    def load(self, path: str | Path) -> None:
+        from tether.train.checkpoint import load_checkpoint
+
+        models = {"policy": self.policy}
+        if self.critic is not None:
+            models["critic"] = self.critic
+        state = load_checkpoint(path, models=models, optimizers=self.optimizers, schedulers=self.schedulers)
+        self.step_count = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.bad_steps = int(state.get("bad_steps", 0))
+        self.backend.sync_weights(self.policy)

@@ -1,0 +1,167 @@
+"""Running a training job: data and rewards from the config, the loop, logs, checkpoints, resume, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tether.config import ConfigError, TrainConfig
+from tether.train.distributed import Dist
+from tether.train.loop import Trainer
+
+log = logging.getLogger("tether")
+
+# Metrics shown on the live progress bar.
+PROGRESS_KEYS = ("reward/mean", "kl/ref_per_token", "kl/beta", "policy/entropy", "completion/length_mean")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    metrics: list[dict] = field(default_factory=list)   # one dict per step run in this process
+    checkpoint: Path | None = None
+    interrupted: bool = False
+    trainer: Trainer | None = field(default=None, repr=False)
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.algorithm.name}"
+
+
+def load_rows(cfg: TrainConfig, tokenizer=None) -> tuple[list[dict], Callable | None]:
+    """Prompt rows from `data.source`, and the task's own reward when the source is a built-in task."""
+    src = cfg.data.source
+    if src is None:
+        raise ConfigError("data.source is not set: give a prompts file (.jsonl/.csv/.parquet), a saved "
+                          "dataset directory, or task:NAME")
+    if src.startswith("task:"):
+        from tether.tasks import get_task
+
+        task = get_task(src[len("task:"):], **cfg.task.options)
+        return task.make_rows("train", cfg.task.train_size, seed=cfg.seed), task.reward
+    from tether.data import load_prompt_rows
+
+    count = (lambda text: len(tokenizer(text).input_ids)) if tokenizer is not None else None
+    limit = cfg.rollout.max_prompt_tokens
+    data = load_prompt_rows(src, prompt_column=cfg.data.prompt_column, on_bad_row=cfg.data.on_bad_row,
+                            max_prompt_tokens=limit, count_tokens=count if limit else None)
+    if data.skipped:
+        log.warning("%s", data.skipped_summary())
+    return data.rows, None
+
+
+def build_reward(cfg: TrainConfig, extra: list | None = None):
+    """A RewardScorer over the configured functions, the reward model, and any Python callables given."""
+    from tether.rewards.functions import RewardScorer, load_reward_function
+
+    functions: list[tuple] = []
+    for entry in cfg.reward.functions:
+        if isinstance(entry, dict):
+            if "spec" not in entry:
+                raise ConfigError(f"reward.functions entry {entry!r} needs a 'spec' key")
+            functions.append((load_reward_function(entry["spec"]), float(entry.get("weight", 1.0))))
+        else:
+            functions.append((load_reward_function(str(entry)), 1.0))
+    for fn in extra or []:
+        functions.append(fn if isinstance(fn, tuple) else (fn, 1.0))
+    if cfg.reward.reward_model:
+        from tether.models import DTYPES
+        from tether.rewards.reward_model import RewardModelScorer
+
+        rm = RewardModelScorer(cfg.reward.reward_model, batch_size=cfg.reward.reward_model_batch_size,
+                               dtype=DTYPES[cfg.model.frozen_dtype], normalize=cfg.reward.normalize,
+                               clip=cfg.reward.clip, trust_remote_code=cfg.model.trust_remote_code)
+        functions.append((rm, cfg.reward.reward_model_weight))
+    if not functions:
+        raise ConfigError("no reward: set reward.functions, reward.reward_model, or use a task:NAME data source")
+    return RewardScorer(functions, on_error=cfg.reward.on_error, timeout_s=cfg.reward.timeout_s)
+
+
+def run_training(cfg: TrainConfig, *, rows: list[dict] | None = None, reward_functions: list | None = None,
+                 run_dir: str | Path | None = None, eval_fn: Callable[[Trainer], dict] | None = None,
+                 dist: Dist | None = None, on_step: Callable[[int, dict], None] | None = None) -> RunResult:
+    """Train for `cfg.steps` steps (or continue to it from a checkpoint), logging every step.
+
+    `eval_fn(trainer) -> dict` runs every `logging.eval_every` steps; its figures are logged under `eval/`.
+    """
+    from tether.logging.metrics import MetricsLogger
+    from tether.logging.progress import Progress
+    from tether.train.checkpoint import GracefulStop, latest_checkpoint
+
+    dist = dist or Dist.from_env(cfg.distributed.backend)
+    run_dir = Path(run_dir or cfg.logging.run_dir or default_run_dir(cfg))
+    extra_rewards = list(reward_functions or [])
+    if rows is None:
+        rows, task_reward = load_rows(cfg)
+        if task_reward is not None:
+            extra_rewards.insert(0, task_reward)
+    reward = build_reward(cfg, extra_rewards)
+    trainer = Trainer(cfg, rows=rows, reward_fn=reward, run_dir=run_dir, dist=dist)
+
+    resume_from = None
+    if cfg.checkpoint.resume == "auto":
+        resume_from = latest_checkpoint(run_dir)
+    elif cfg.checkpoint.resume:
+        resume_from = Path(cfg.checkpoint.resume)
+        if not resume_from.exists():
+            raise ConfigError(f"checkpoint.resume: {resume_from} does not exist")
+    if resume_from is not None:
+        trainer.load(resume_from)
+        log.info("resumed from %s at step %d", resume_from, trainer.step_count)
+
+    logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                           wandb_project=cfg.logging.wandb_project, enabled=dist.is_main)
+    # A resumed run rewrites the logs to end at its checkpoint: no step is lost or repeated.
+    logger.truncate_after(trainer.step_count)
+    result = RunResult(run_dir=run_dir, steps=trainer.step_count, trainer=trainer)
+    ck = cfg.checkpoint
+    try:
+        with GracefulStop() as stop, Progress(cfg.steps, enabled=dist.is_main and cfg.logging.progress,
+                                              initial_step=trainer.step_count, print_every=cfg.logging.log_every,
+                                              keys=PROGRESS_KEYS, description=cfg.algorithm.name) as progress:
+            while trainer.step_count < cfg.steps:
+                out = trainer.step()
+                metrics = dict(out.metrics)
+                if eval_fn is not None and cfg.logging.eval_every and out.step % cfg.logging.eval_every == 0:
+                    metrics.update({f"eval/{k}": v for k, v in eval_fn(trainer).items()})
+                logger.log(out.step, metrics)
+                if cfg.logging.samples_per_step and (out.step % cfg.logging.samples_every == 0 or out.step == 1):
+                    logger.log_samples(out.step, _sample_rows(out.rollout, cfg.logging.samples_per_step))
+                progress.update(out.step, metrics)
+                result.metrics.append(metrics)
+                result.steps = out.step
+                if on_step is not None:
+                    on_step(out.step, metrics)
+                if ck.every and out.step % ck.every == 0 and out.step < cfg.steps:
+                    result.checkpoint = trainer.save(ck.keep_last)
+                if stop.requested:
+                    log.warning("stop requested: saving a checkpoint at step %d and exiting", out.step)
+                    result.checkpoint = trainer.save(ck.keep_last)
+                    result.interrupted = True
+                    break
+        if ck.save_final and not result.interrupted and trainer.step_count >= cfg.steps:
+            existing = latest_checkpoint(run_dir)
+            if existing is None or not existing.name.endswith(f"{trainer.step_count:06d}"):
+                result.checkpoint = trainer.save(ck.keep_last)
+    finally:
+        logger.close()
+    return result
+
+
+def _sample_rows(rollout, n: int) -> list[dict]:
+    rows = []
+    for i in range(min(n, len(rollout))):
+        score = rollout.scores_B[i].item()
+        rows.append({"prompt": rollout.prompts[i], "completion": rollout.completions[i],
+                     "reward": None if score != score else score,
+                     "truncated": bool(rollout.truncated_B[i])})
+    return rows
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
