@@ -1,0 +1,175 @@
+"""The built-in default job: tiny model -> SFT -> evaluation -> RL -> evaluation -> report.
+
+It runs through the same code paths as a hub model: the tiny model is saved with `save_pretrained` and every
+later stage loads it by path. What it builds is cached (keyed by its settings) so a second run starts at RL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from tether.config import TrainConfig
+from tether.train.run import RunResult, run_training, write_summary
+
+log = logging.getLogger("tether")
+
+# The default pipeline's tiny model and SFT budget, tuned so that SFT plateaus on the imperfect
+# demonstrations and RL has a real gap to close (see tether/tasks/arithmetic.py for the measurements).
+DEFAULT_MODEL = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "max_positions": 64}
+DEFAULT_SFT = {"steps": 1500, "lr": 3e-3, "batch_size": 64, "demonstrations": 20000, "warmup_steps": 50}
+
+# `tether train` with no arguments: PPO with a critic, GAE and an adaptive KL to the SFT reference.
+# examples/tiny_default.yaml holds the same settings as a file (a test keeps the two equal).
+DEFAULT_JOB = {
+    "seed": 0,
+    "steps": 60,
+    "task": {"name": "arithmetic", "eval_size": 200},
+    "algorithm": {"name": "ppo", "beta": 0.02, "kl_target": 0.05, "kl_horizon": 1000, "epochs": 2,
+                  "minibatches": 2},
+    "rollout": {"prompts_per_step": 16, "group_size": 4, "max_new_tokens": 5, "temperature": 1.0},
+    "optim": {"lr": 1e-4, "critic_lr": 1e-3, "micro_batch_size": 64},
+    "logging": {"eval_every": 20, "samples_every": 10},
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TETHER_CACHE", Path.home() / ".cache" / "tether"))
+
+
+def _key(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def prepare_sft_model(cfg: TrainConfig, echo=print) -> tuple[Path, dict]:
+    """Build (or reuse from the cache) the tiny base model and its SFT checkpoint for `cfg.task`."""
+    from tether.tasks import get_task
+    from tether.tasks.tiny_model import build_tiny_model
+    from tether.train.sft import run_sft
+
+    task_name = cfg.task.name or "arithmetic"
+    task = get_task(task_name, **cfg.task.options)
+    model_kw = {**DEFAULT_MODEL, **cfg.task.model_size}
+    sft_kw = dict(DEFAULT_SFT)
+    if cfg.task.sft_steps:
+        sft_kw["steps"] = cfg.task.sft_steps
+    spec = {"task": task_name, "options": cfg.task.options, "model": model_kw, "sft": sft_kw if cfg.task.sft else None,
+            "seed": cfg.seed, "version": 1}
+    root = cache_dir() / "pipeline" / f"{task_name}-{_key(spec)}"
+    final = root / ("sft" if cfg.task.sft else "base")
+    info_path = root / "info.json"
+    if final.exists() and info_path.exists():
+        echo(f"Using cached model {final}")
+        return final, json.loads(info_path.read_text())
+    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.perf_counter()
+    base = build_tiny_model(tmp / "base", seed=cfg.seed, **model_kw)
+    info = {"spec": spec, "build_seconds": time.perf_counter() - t0}
+    echo(f"Built tiny Llama-architecture model ({model_kw}) in {info['build_seconds']:.1f}s")
+    if cfg.task.sft:
+        demos = task.demonstrations(sft_kw["demonstrations"], seed=cfg.seed)
+        echo(f"SFT on {len(demos)} imperfect demonstrations of '{task_name}' ...")
+        out = run_sft(base, demos, tmp / "sft", steps=sft_kw["steps"], lr=sft_kw["lr"],
+                      batch_size=sft_kw["batch_size"], warmup_steps=sft_kw["warmup_steps"], seed=cfg.seed,
+                      log=lambda m: log.info(m), progress=True)
+        info["sft"] = {k: v for k, v in out.items() if k != "losses"}
+        echo(f"SFT done in {out['seconds']:.1f}s (final loss {out['final_loss']:.3f})")
+    (tmp / "info.json").write_text(json.dumps(info, indent=2))
+    # Publish atomically: a crash mid-build never leaves a cache entry that looks complete.
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    return final, info
+
+
+def evaluate_policy(model, tokenizer, cfg: TrainConfig, rows: list[dict]) -> dict:
+    from tether.tasks import get_task
+    from tether.tasks.evaluation import evaluate_task
+
+    task = get_task(cfg.task.name or "arithmetic", **cfg.task.options)
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate_task(model, tokenizer, task, rows, max_new_tokens=cfg.rollout.max_new_tokens)
+    finally:
+        model.train(was_training)
+
+
+def run_pipeline(cfg: TrainConfig, *, echo=print) -> dict:
+    """The default job end to end. Returns the summary (also written to RUN_DIR/summary.json)."""
+    from tether.models import load_causal_lm, load_tokenizer
+    from tether.tasks import get_task
+
+    t_start = time.perf_counter()
+    task_name = cfg.task.name or "arithmetic"
+    cfg.task.name = task_name
+    if cfg.model.path is None:
+        path, build_info = prepare_sft_model(cfg, echo=echo)
+        cfg.model.path = str(path)
+    else:
+        build_info = {}
+    if cfg.data.source is None:
+        cfg.data.source = f"task:{task_name}"
+    task = get_task(task_name, **cfg.task.options)
+    eval_rows = task.make_rows("eval", cfg.task.eval_size, seed=cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.model.path)
+    sft_model = load_causal_lm(cfg.model.path)
+    before = evaluate_policy(sft_model, tokenizer, cfg, eval_rows)
+    del sft_model
+    echo(f"Held-out greedy accuracy before RL: {before['accuracy']:.1%} ({before['n']} problems)")
+
+    def eval_fn(trainer) -> dict:
+        res = evaluate_policy(trainer.policy, trainer.tokenizer, cfg, eval_rows)
+        return {"accuracy": res["accuracy"]}
+
+    result: RunResult = run_training(cfg, eval_fn=eval_fn)
+    trainer = result.trainer
+    after = evaluate_policy(trainer.policy, trainer.tokenizer, cfg, eval_rows)
+    last = result.metrics[-1] if result.metrics else {}
+    kl_window = [m["kl/ref_per_token"] for m in result.metrics[-10:] if "kl/ref_per_token" in m]
+    summary = {
+        "task": task_name, "algorithm": cfg.algorithm.name, "steps": result.steps,
+        "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+        "accuracy_gain_points": 100 * (after["accuracy"] - before["accuracy"]),
+        "accuracy_by_group_before": before.get("accuracy_by_group"),
+        "accuracy_by_group_after": after.get("accuracy_by_group"),
+        "final_kl_per_token": sum(kl_window) / len(kl_window) if kl_window else None,
+        "kl_target": cfg.algorithm.kl_target, "final_beta": last.get("kl/beta"),
+        "reward_first": result.metrics[0]["reward/mean"] if result.metrics else None,
+        "reward_last": last.get("reward/mean"),
+        "eval_examples_after": after["examples"],
+        "model_path": cfg.model.path, "build": build_info,
+        "seconds_total": time.perf_counter() - t_start,
+        "run_dir": str(result.run_dir),
+    }
+    write_summary(result.run_dir, summary)
+    if cfg.logging.report:
+        from tether.logging.report import write_report
+
+        summary["report"] = str(write_report(result.run_dir))
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [
+        f"Task: {s['task']}   algorithm: {s['algorithm']}   steps: {s['steps']}",
+        f"Held-out greedy accuracy: {s['accuracy_before']:.1%} after SFT -> {s['accuracy_after']:.1%} after RL "
+        f"({s['accuracy_gain_points']:+.1f} points)",
+    ]
+    if s.get("final_kl_per_token") is not None:
+        target = f" (target {s['kl_target']})" if s.get("kl_target") else ""
+        lines.append(f"Final KL to the reference per token: {s['final_kl_per_token']:.4f}{target}")
+    lines.append(f"Total time: {s['seconds_total']:.0f}s")
+    lines.append(f"Run directory: {s['run_dir']}")
+    if s.get("report"):
+        lines.append(f"Report: {s['report']}")
+    return "\n".join(lines)
+
