@@ -485,6 +485,7 @@ class Trainer:
 
         t0 = time.perf_counter()
         stats.update(self.update(rollout, first_epoch_order, acc))
+        self.backend.sync_weights(self.policy)  # a no-op for HF generate; vLLM gets the new weights
         self.timing["update"] = time.perf_counter() - t0
         stats.update(acc.result())
 
