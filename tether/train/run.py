@@ -64,7 +64,8 @@ def build_reward(cfg: TrainConfig, extra: list | None = None):
         if isinstance(entry, dict):
             if "spec" not in entry:
                 raise ConfigError(f"reward.functions entry {entry!r} needs a 'spec' key")
-            functions.append((load_reward_function(entry["spec"]), float(entry.get("weight", 1.0))))
+            fn = load_reward_function(entry["spec"], entry.get("kwargs"))
+            functions.append((fn, float(entry.get("weight", 1.0))))
         else:
             functions.append((load_reward_function(str(entry)), 1.0))
     for fn in extra or []:
