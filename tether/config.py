@@ -145,6 +145,7 @@ class RewardConfig:
     functions: list = F([], "Reward functions: entries 'module:function', 'path.py:function', "
                             "'builtin:name', or {spec: ..., weight: 1.0, kwargs: {...}} (kwargs build a "
                             "factory such as builtin:format).")
+    task_reward: bool = F(True, "With data.source=task:NAME, score with the task's own verifiable reward too.")
     reward_model: str | None = F(None, "Path of an AutoModelForSequenceClassification reward model.")
     reward_model_weight: float = F(1.0, "Weight of the reward model's score.")
     reward_model_batch_size: int = F(16, "Reward-model micro-batch.", ge=1)

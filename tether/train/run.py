@@ -99,7 +99,7 @@ def run_training(cfg: TrainConfig, *, rows: list[dict] | None = None, reward_fun
     extra_rewards = list(reward_functions or [])
     if rows is None:
         rows, task_reward = load_rows(cfg)
-        if task_reward is not None:
+        if task_reward is not None and cfg.reward.task_reward:
             extra_rewards.insert(0, task_reward)
     reward = build_reward(cfg, extra_rewards)
     trainer = Trainer(cfg, rows=rows, reward_fn=reward, run_dir=run_dir, dist=dist)
