@@ -1,0 +1,47 @@
+"""The Python entry point: train a policy in one call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from tether.config import resolve_config
+
+
+def fit(
+    model: str,
+    prompts: list[dict] | str,
+    reward: Callable | list | None = None,
+    *,
+    algorithm: str = "grpo",
+    steps: int = 100,
+    run_dir: str | Path | None = None,
+    overrides: dict | None = None,
+):
+    """Train `model` (an AutoModelForCausalLM path or hub name) on `prompts` against `reward`.
+
+    prompts: rows like {"prompt": ..., other columns...}, or a data path (JSONL/JSON/CSV/Parquet/saved dataset)
+        or "task:NAME". The other columns reach reward functions as keyword lists.
+    reward: a callable f(prompts, completions, **columns) -> list[float | None], a list of them (or of
+        (callable, weight) pairs), or None when the config names rewards or the data is a built-in task.
+    overrides: {"dotted.key": value} over the config tree (`tether config` lists every key).
+    Returns a RunResult (run_dir, metrics per step, last checkpoint, the trainer).
+    """
+    from tether.train.run import run_training
+
+    raw: dict = {"model": {"path": model}, "algorithm": {"name": algorithm}, "steps": steps}
+    rows = None
+    if isinstance(prompts, (str, Path)):
+        raw["data"] = {"source": str(prompts)}
+    else:
+        rows = list(prompts)
+    flat = [f"{k}={v!r}" if isinstance(v, str) and v == "" else f"{k}={_yaml(v)}" for k, v in (overrides or {}).items()]
+    cfg = resolve_config(raw, flat)
+    functions = [] if reward is None else (list(reward) if isinstance(reward, (list, tuple)) else [reward])
+    return run_training(cfg, rows=rows, reward_functions=functions, run_dir=run_dir)
+
+
+def _yaml(v) -> str:
+    import json
+
+    return json.dumps(v) if not isinstance(v, str) else v
