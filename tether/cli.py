@@ -48,7 +48,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     pipeline = (user.get("model") or {}).get("path") is None
     if pipeline and not config_path:
         # The built-in default job; the user's overrides apply on top of it.
-        user = deep_merge(DEFAULT_JOB, user)
+        default = dict(DEFAULT_JOB)
+        if (user.get("algorithm") or {}).get("name", "ppo") != "ppo":
+            default.pop("algorithm")  # another algorithm starts from its own preset, untuned
+        user = deep_merge(default, user)
     cfg = resolve_config(user)
     if pipeline:
         if cfg.data.source is not None and not cfg.data.source.startswith("task:"):
