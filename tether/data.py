@@ -38,7 +38,8 @@ class PromptData:
             return f"{self.source}: all {len(self.rows)} rows used"
         examples = "; ".join(f"row {n}: {reason}" for n, reason in self.skipped[:max_examples])
         more = f"; and {len(self.skipped) - max_examples} more" if len(self.skipped) > max_examples else ""
-        return f"{self.source}: skipped {len(self.skipped)} of {len(self.skipped) + len(self.rows)} rows ({examples}{more})"
+        total = len(self.skipped) + len(self.rows)
+        return f"{self.source}: skipped {len(self.skipped)} of {total} rows ({examples}{more})"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -129,7 +130,8 @@ def _reader_for(path: Path):
     suffix = path.suffix.lower()
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     if suffix not in readers:
-        raise DataError(f"{path}: unsupported data format {suffix or '(no extension)'!r}; supported: {SUPPORTED_FORMATS}")
+        shown = repr(suffix) if suffix else "(no extension)"
+        raise DataError(f"{path}: unsupported data format {shown}; supported: {SUPPORTED_FORMATS}")
     return readers[suffix]
 
 

@@ -114,7 +114,7 @@ class MetricsLogger:
                 value = value.item()
             if not isinstance(value, (int, float)):  # bool is an int, which is fine
                 raise TypeError(f"metric {key!r} must be a number, got {type(value).__name__}: {value!r}")
-            values[key] = float(value) if isinstance(value, float) else value
+            values[key] = value
         self._append(METRICS_FILE, {"step": int(step), **values})
         if self._tb is not None:
             for key, value in values.items():

@@ -82,8 +82,12 @@ def _metrics_by_step(records: list[dict]) -> dict[int, dict]:
 def _new_figure():
     from matplotlib.figure import Figure
 
+    from matplotlib.ticker import MaxNLocator
+
     fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
-    return fig, fig.add_subplot()
+    ax = fig.add_subplot()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers; no "step 2.5" ticks
+    return fig, ax
 
 
 def _save(fig, plots_dir: Path, name: str) -> str:
@@ -305,7 +309,9 @@ def _config_section(config: dict, raw: str) -> str:
         return ""
     flat = list(_flatten(config).items())
     rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(_format_value(v))}</td></tr>" for k, v in flat[:MAX_CONFIG_ROWS])
-    more = f"<p class=empty>{len(flat) - MAX_CONFIG_ROWS} more settings in the full config below.</p>" if len(flat) > MAX_CONFIG_ROWS else ""
+    more = ""
+    if len(flat) > MAX_CONFIG_ROWS:
+        more = f"<p class=empty>{len(flat) - MAX_CONFIG_ROWS} more settings in the full config below.</p>"
     table = f'<table class="config">{rows}</table>{more}' if rows else ""
     return (
         f"<h2>Config</h2>\n{table}\n"
