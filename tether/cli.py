@@ -218,12 +218,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     from tether.config import ConfigError
+    from tether.data import DataError
+    from tether.rewards.functions import RewardError
+    from tether.train.loop import TrainingError
 
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
+    except (RewardError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

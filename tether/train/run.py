@@ -60,14 +60,15 @@ def build_reward(cfg: TrainConfig, extra: list | None = None):
     from tether.rewards.functions import RewardScorer, load_reward_function
 
     functions: list[tuple] = []
-    for entry in cfg.reward.functions:
-        if isinstance(entry, dict):
-            if "spec" not in entry:
-                raise ConfigError(f"reward.functions entry {entry!r} needs a 'spec' key")
-            fn = load_reward_function(entry["spec"], entry.get("kwargs"))
-            functions.append((fn, float(entry.get("weight", 1.0))))
-        else:
-            functions.append((load_reward_function(str(entry)), 1.0))
+    for i, entry in enumerate(cfg.reward.functions):
+        if isinstance(entry, dict) and "spec" not in entry:
+            raise ConfigError(f"reward.functions[{i}]: {entry!r} needs a 'spec' key")
+        spec, kwargs, weight = ((entry["spec"], entry.get("kwargs"), float(entry.get("weight", 1.0)))
+                                if isinstance(entry, dict) else (str(entry), None, 1.0))
+        try:
+            functions.append((load_reward_function(spec, kwargs), weight))
+        except (ValueError, ImportError, OSError) as e:
+            raise ConfigError(f"reward.functions[{i}]: {e}") from e
     for fn in extra or []:
         functions.append(fn if isinstance(fn, tuple) else (fn, 1.0))
     if cfg.reward.reward_model:
