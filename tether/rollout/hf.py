@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from tether.rollout.batch import Rollout
 
@@ -49,6 +57,37 @@ def completion_mask(completion_ids_BT: torch.Tensor, eos: list[int], generated_l
     return mask, ~has_eos
 
 
+class SampledLogprobs(LogitsProcessor):
+    """Records log pi_sampler(o_t) of each sampled token while `generate` runs, one [B, V] at a time.
+
+    It runs last in the processor chain, so it sees the distribution tokens are drawn from (temperature,
+    top-k, top-p applied). At step t it keeps log_softmax(scores_t); at step t+1 the token drawn at t is
+    the last column of input_ids, so only a [B] gather is kept. Asking generate for `output_scores`
+    instead would hold a float [B, T, V] tensor: gigabytes at a real vocabulary and long completions.
+    """
+
+    def __init__(self) -> None:
+        self.pending: torch.Tensor | None = None
+        self.logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.pending is not None:
+            self.logprobs.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.pending = torch.log_softmax(scores.float(), -1)
+        return scores
+
+    def finish(self, completion_BT: torch.Tensor) -> torch.Tensor:
+        """Log-probs [B, T] of `completion_BT` (the gather for the last step happens here)."""
+        T = completion_BT.shape[1]
+        if self.pending is not None and len(self.logprobs) < T:
+            self.logprobs.append(self.pending.gather(-1, completion_BT[:, len(self.logprobs):len(self.logprobs) + 1])
+                                 .squeeze(-1))
+        self.pending = None
+        if not self.logprobs:
+            return torch.zeros_like(completion_BT, dtype=torch.float32)
+        return torch.stack(self.logprobs[:T], 1)
+
+
 class HFGenerateBackend:
     """Sample with `model.generate`, keeping the log-probs the sampler used for each token."""
 
@@ -65,10 +104,18 @@ class HFGenerateBackend:
         # An explicit config with only our settings: a hub model's own generation_config may carry
         # repetition penalties or top_k=50 defaults that would make the sampler's distribution differ
         # from the pi_theta the trainer optimises. top_k=0 / top_p=1.0 are passed explicitly for that reason.
+        # The warpers are ours, in HF's order (temperature, top-k, top-p), with the log-prob recorder after
+        # them: custom processors would otherwise run before generate's own warpers.
+        self.warpers = []
+        if temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k > 0:
+            self.warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
         self.gen_config = GenerationConfig(
-            do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=self.eos, output_scores=True,
-            return_dict_in_generate=True, use_cache=True,
+            do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=self.eos, use_cache=True,
             stop_strings=self.stop_strings or None,
         )
 
@@ -87,17 +134,16 @@ class HFGenerateBackend:
                     else torch.autocast(device.type, enabled=False))
         try:
             with autocast:
-                out = self.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                           generation_config=self.gen_config,
-                                           tokenizer=self.tokenizer if self.stop_strings else None)
+                recorder = SampledLogprobs()
+                sequences = self.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                                 generation_config=self.gen_config,
+                                                 logits_processor=LogitsProcessorList(self.warpers + [recorder]),
+                                                 tokenizer=self.tokenizer if self.stop_strings else None)
         finally:
             self.policy.train(was_training)
-        completion = out.sequences[:, P:]
+        completion = sequences[:, P:]
         T = completion.shape[1]
-        # scores are the processed logits the token was drawn from (temperature, top-k/p applied).
-        scores_BTV = torch.stack(out.scores, 1).float()
-        sampler_lp = torch.log_softmax(scores_BTV, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
-        del scores_BTV
+        sampler_lp = recorder.finish(completion)
         generated_len = self._stop_string_lengths(completion, T)
         mask, truncated = completion_mask(completion, self.eos, generated_len)
         if self.stop_strings:
