@@ -150,12 +150,15 @@ def run_pipeline(cfg: TrainConfig, *, echo=print) -> dict:
         "kl_target": cfg.algorithm.kl_target, "final_beta": last.get("kl/beta"),
         "reward_first": result.metrics[0]["reward/mean"] if result.metrics else None,
         "reward_last": last.get("reward/mean"),
-        "eval_examples_after": after["examples"],
-        "model_path": cfg.model.path, "build": build_info,
+        "model_path": cfg.model.path,
         "seconds_total": time.perf_counter() - t_start,
         "run_dir": str(result.run_dir),
     }
     write_summary(result.run_dir, summary)
+    # Details that would crowd the report's summary: the model build / SFT record and example completions.
+    (result.run_dir / "pipeline.json").write_text(json.dumps(
+        {"build": build_info, "eval_examples_before": before["examples"], "eval_examples_after": after["examples"]},
+        indent=2))
     if cfg.logging.report:
         from tether.logging.report import write_report
 
