@@ -34,13 +34,14 @@ def _manual_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 def test_greedy_is_deterministic_and_matches_one_by_one(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     model.train()  # generation must switch to eval mode and back
+    tokenizer_state = (tokenizer.padding_side, tokenizer.pad_token)
     batched = greedy_generate(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=4)
     assert model.training
     assert batched == greedy_generate(model, tokenizer, PROMPTS, max_new_tokens=8)
     assert batched == [greedy_generate(model, tokenizer, [p], max_new_tokens=8)[0] for p in PROMPTS]
     assert batched == [_manual_greedy(model, tokenizer, p, 8) for p in PROMPTS]
     assert all(isinstance(c, str) and len(c) <= 8 for c in batched)
-    assert tokenizer.padding_side == "left" and (tokenizer.pad_token is None) == (tokenizer.pad_token_id is None)
+    assert (tokenizer.padding_side, tokenizer.pad_token) == tokenizer_state  # the caller's tokenizer is untouched
 
 
 def test_sampling_is_reproducible_by_seed(model_and_tokenizer):

@@ -50,7 +50,7 @@ def test_sft_learns_a_constant_answer_and_saves(base, tmp_path):
     metrics = run_sft(base, _constant_rows(512, seed=0), out, steps=40, lr=1e-2, batch_size=32, max_length=16,
                       warmup_steps=5, log=lines.append)
     assert metrics["steps"] == 40 == len(metrics["losses"])
-    assert metrics["first_loss"] > 2.0 and metrics["final_loss"] < 0.05
+    assert metrics["first_loss"] > 2.0 and metrics["final_loss"] < 0.1
     assert metrics["tokens_per_s"] > 0 and metrics["epochs"] == pytest.approx(40 * 32 / 512)
     assert any("step 40/40" in line for line in lines)
     assert (out / "model.safetensors").exists()

@@ -4,8 +4,15 @@ Operands have exactly `digits` digits (10..99 for the default 2; 0..9 for 1). `o
 operators drawn uniformly per problem: "+" and/or "-" (for "-" the larger operand comes first, so
 answers are never negative).
 
+Call a problem a *carry* problem when dropping its carries changes the answer (for "-": borrows); with
+uniform operands 45% of 2-digit sums are. `carry_share` (default 0.6) sets the share of carry problems
+in every split instead, each group uniform inside; `None` keeps uniform operands. Two reasons: the
+tiny model learns addition sooner when carries are common, and the gap RL can close is the carry share.
+
 Held-out split: a problem goes to "eval" or "train" by a stable hash of its canonical key; for "+" the
 key ignores operand order, so 37+48 and 48+37 always share a split (knowing one is knowing the other).
+`eval_fraction` 0.2 holds out ~1,660 of the 8,100 2-digit problems, enough for 500 distinct eval rows
+that keep the carry share.
 
 Rewards (the completion is stripped first):
 
@@ -14,18 +21,28 @@ Rewards (the completion is stripped first):
   the two lengths) + 0.2 * (1 if the lengths agree). So "85" for 85 -> 1.0, "75" -> 0.6, "5" -> 0.4,
   "185" -> 0.53; anything that is not a plain run of digits -> 0.0. Only the exact answer earns 1.0.
 
-Imperfect demonstrations -- the gap RL is meant to close. Call a problem a *carry* problem when dropping
-the carries changes its answer (for "-", borrows). In a fraction `demo_error_rate` (p) of the
-demonstrations of carry problems the carry is dropped, the classic schoolchild slip: each column is
-written modulo 10 and the leftmost column in full, so 37+48 -> "75", 57+68 -> "115", 52-17 -> "45".
-Every other demonstration is correct. With p > 0.5 the most likely demonstrated answer to a carry
-problem is the wrong one, so a model that imitates well answers carry problems wrongly under greedy
-decoding, while it still gives the right answer about (1 - p) of the time when sampling at temperature
-1: exactly the kind of error a reward signal can find and fix. 45% of 2-digit additions are carry
-problems, so perfect imitation with p > 0.5 caps greedy accuracy near 55%.
+Imperfect demonstrations -- the gap RL is meant to close. In a fraction `demo_error_rate` (p, default
+0.65) of the demonstrations of carry problems the carries are dropped, the classic schoolchild slip:
+each column is written modulo 10 and the leftmost column in full, so 37+48 -> "75", 57+68 -> "115",
+52-17 -> "45". Every other demonstration is correct. With p > 0.5 the most likely demonstrated answer
+to a carry problem is the wrong one, so a model that imitates well answers carry problems wrongly under
+greedy decoding, while sampling at temperature 1 still gives the right answer about 1 - p of the time:
+an error a reward signal can find and fix, and more imitation does not (it only sharpens the majority).
 
-Measured (2-digit "+", p = 0.6, the default tiny model and SFT budget of `tether.train.sft`, 2 CPU
-threads, 500 held-out problems): see `tether/train/sft.py` for the numbers.
+Measured with the defaults (2-digit "+", carry_share 0.6, p 0.65) and the default pipeline of
+`tether.train.sft` (DEFAULT_MODEL: Llama, hidden 128, 2 layers, 16 heads, 0.5M parameters; DEFAULT_SFT:
+2,000 steps of 64 over 50,000 demonstrations), 500 held-out problems, seeds 0-3:
+
+* SFT greedy accuracy 41-47% (carry problems 3-13%, no-carry problems 99-100%);
+* sample accuracy at temperature 1 on carry problems 32-35%;
+* 2 idle CPU threads: SFT 51 s; build + demonstrations + SFT + eval 59 s in all;
+* fixability check (a scratch script, not shipped): REINFORCE with a per-prompt mean baseline,
+  16 prompts x 4 samples per step, Adam lr 1e-4, took held-out greedy accuracy from 41% to 97% in
+  25 steps.
+
+Other settings tried: p = 0.6 leaves 8-19% greedy accuracy on carry problems, varying more by seed
+(less headroom for RL); p = 0.7 delays learning on some seeds and drops sample accuracy to 22-30%;
+uniform operands (45% carry) cap the RL gain near 45 points.
 """
 
 from __future__ import annotations
@@ -69,7 +86,7 @@ class ArithmeticTask(Task):
         digits: int = 2,
         ops: str = "+",
         partial_credit: bool = False,
-        demo_error_rate: float = 0.6,
+        demo_error_rate: float = 0.65,
         eval_fraction: float = 0.2,
         carry_share: float | None = 0.6,
     ) -> None:
