@@ -60,6 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(format_summary(summary))
         return 0
     result = run_training(cfg)
+    if result.trainer is not None and not result.trainer.dist.is_main:
+        return 0  # under torchrun, rank 0 alone writes the report and prints the summary
     if cfg.logging.report and result.run_dir.exists():
         from tether.logging.report import write_report
 

@@ -18,6 +18,11 @@ least `flaw_min_len` characters, the last two characters of the answer are swapp
 changes the answer form the "swap" group (about half of them with the defaults), the rest "no_swap".
 As with arithmetic, p > 0.5 makes the flawed answer the most likely one to imitate on the swap group
 while the correct one keeps probability about 1 - p, so RL has something to find and reinforce.
+
+Measured with the defaults (reverse, lengths 3-6, p 0.65), the default tiny model and SFT budget of
+`tether.train.sft` (2,000 steps of 64; seed 0) and 500 held-out strings: greedy accuracy 68% (swap group
+29%, no_swap 100%); sample accuracy at temperature 1 on the swap group 37%. Sequences are about twice as
+long as arithmetic ones, so SFT costs about twice as much per step (157 s of CPU time on one thread).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ class SequenceTask(Task):
         max_len: int = 6,
         alphabet: str = string.ascii_lowercase + string.digits,
         partial_credit: bool = False,
-        demo_error_rate: float = 0.6,
+        demo_error_rate: float = 0.65,
         flaw_min_len: int = 5,
         eval_fraction: float = 0.1,
     ) -> None:

@@ -27,10 +27,11 @@ from tether.core.advantages import ADVANTAGES, kl_shaped_token_rewards, masked_m
 from tether.core.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from tether.core.losses import POLICY_LOSSES, aggregate, composite_loss, explained_variance, value_loss
 from tether.rollout.batch import Rollout
-from tether.train.distributed import Dist
+from tether.train.distributed import Dist, split_to_count
 from tether.train.forward import (
     critic_values,
     gather_rows,
+    make_micro_batch,
     policy_logprobs,
     scatter_rows,
     split_micro_batches,
@@ -284,10 +285,21 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     # 2. no-grad passes: pi_old and pi_ref log-probs, old values
 
+    def _minibatch_order(self, B: int, epoch: int) -> torch.Tensor:
+        """This rank's rows in minibatch order (`.tensor_split(M)`): the same global minibatches at any number
+        of ranks, drawn from (seed, step, epoch) rather than the global RNG."""
+        return self.dist.minibatch_order(B, self.cfg.algorithm.minibatches, (self.cfg.seed, self.step_count, epoch))
+
     def _micro_batches(self, rollout: Rollout, rows: torch.Tensor):
         o = self.cfg.optim
-        return split_micro_batches(rollout, rows, micro_batch_size=o.micro_batch_size,
-                                   token_budget=o.token_budget)
+        mbs = split_micro_batches(rollout, rows, micro_batch_size=o.micro_batch_size,
+                                  token_budget=o.token_budget)
+        if self.dist.enabled and o.token_budget is not None:
+            # DDP and FSDP communicate in every forward/backward: every rank runs as many micro-batches.
+            n = int(self.dist.max(torch.tensor(len(mbs))).item())
+            if n > len(mbs):
+                mbs = [make_micro_batch(rollout, idx) for idx in split_to_count([mb.index for mb in mbs], n)]
+        return mbs
 
     def _sampler_is_exact(self) -> bool:
         """The sampler drew from softmax(logits / T) itself (no top-k / top-p truncation)."""
@@ -405,7 +417,7 @@ class Trainer:
         epochs_done, updates, skipped, stopped_early = 0, 0, 0, False
         first_minibatch = True
         for epoch in range(a.epochs):
-            order = first_epoch_order if epoch == 0 else torch.randperm(B)
+            order = first_epoch_order if epoch == 0 else self._minibatch_order(B, epoch)
             for mb_rows in order.tensor_split(a.minibatches):
                 # Denominators of the whole minibatch over all ranks: micro-batches and ranks then add up
                 # to exactly the full-minibatch loss (DDP averages gradients, hence the factor `world`).
@@ -494,6 +506,8 @@ class Trainer:
         for name, opt in self.optimizers.items():
             params = [p for g in opt.param_groups for p in g["params"]]
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+            if hasattr(norm, "full_tensor"):  # FSDP2: the norm over sharded gradients is a DTensor
+                norm = norm.full_tensor()
             acc.mean(f"optim/grad_norm_{name}", norm)
             if not torch.isfinite(norm):
                 ok = False
@@ -518,7 +532,7 @@ class Trainer:
 
         rollout = self.collect()
         B = len(rollout)
-        first_epoch_order = torch.randperm(B) if a.minibatches > 1 else torch.arange(B)
+        first_epoch_order = self._minibatch_order(B, epoch=0)
 
         acc = StatAccumulator()
         t0 = time.perf_counter()
@@ -578,7 +592,14 @@ class Trainer:
         if rollout.returns_BT is not None and rollout.old_values_BT is not None:
             out["value/explained_variance"] = explained_variance(rollout.old_values_BT, rollout.returns_BT,
                                                                  mask).item()
-        out.update(rollout.reward_stats)
+        # The scorer's figures describe this rank's rows (every rank holds as many): average them over
+        # ranks, and keep the global reward/mean and reward/std computed above.
+        rs = dict(rollout.reward_stats)
+        if rs and d.enabled:
+            keys = sorted(rs)
+            avg = d.sum(torch.tensor([float(rs[k]) for k in keys], dtype=torch.float64)) / d.world_size
+            rs = dict(zip(keys, avg.tolist()))
+        out = {**rs, **out}
         return out
 
     def _check_finite_step(self, stats: dict) -> None:

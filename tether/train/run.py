@@ -107,7 +107,7 @@ def run_training(cfg: TrainConfig, *, rows: list[dict] | None = None, reward_fun
 
     resume_from = None
     if cfg.checkpoint.resume == "auto":
-        resume_from = latest_checkpoint(run_dir)
+        resume_from = latest_checkpoint(run_dir, clean=dist.is_main)  # rank 0 alone removes leftovers
     elif cfg.checkpoint.resume:
         resume_from = Path(cfg.checkpoint.resume)
         if not resume_from.exists():
@@ -141,13 +141,13 @@ def run_training(cfg: TrainConfig, *, rows: list[dict] | None = None, reward_fun
                     on_step(out.step, metrics)
                 if ck.every and out.step % ck.every == 0 and out.step < cfg.steps:
                     result.checkpoint = trainer.save(ck.keep_last)
-                if stop.requested:
+                if dist.any(stop.requested):  # a signal may reach one rank first: all must save (collective)
                     log.warning("stop requested: saving a checkpoint at step %d and exiting", out.step)
                     result.checkpoint = trainer.save(ck.keep_last)
                     result.interrupted = True
                     break
         if ck.save_final and not result.interrupted and trainer.step_count >= cfg.steps:
-            existing = latest_checkpoint(run_dir)
+            existing = latest_checkpoint(run_dir, clean=False)  # never remove rank 0's checkpoint being written
             if existing is None or not existing.name.endswith(f"{trainer.step_count:06d}"):
                 result.checkpoint = trainer.save(ck.keep_last)
     finally:
