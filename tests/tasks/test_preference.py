@@ -10,15 +10,6 @@ from tether.tasks.preference import REJECTION_KINDS, make_preference_data, prefe
 from tether.tasks.tiny_model import CHARS, build_tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Tiny models are fastest on one thread; extra OpenMP threads spin against other processes.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_data_is_deterministic_printable_and_well_formed():
     rows = make_preference_data(500, seed=7)
     assert rows == make_preference_data(500, seed=7)
