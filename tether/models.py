@@ -141,9 +141,6 @@ def copy_frozen(model: nn.Module, dtype: str) -> nn.Module:
     return freeze(ref)
 
 
-def model_path_exists(path: str) -> bool:
-    return Path(path).exists()
-
 
 def merge_lora(adapter_dir: str, out_dir: str, *, base: str | None = None) -> str:
     """Merge a saved LoRA adapter into its base model and save a plain HF model (+ tokenizer) to `out_dir`."""

@@ -273,7 +273,7 @@ class Trainer:
 
     def _filter_uniform_groups(self, rollout: Rollout) -> tuple[Rollout, int]:
         G = rollout.group_size
-        scores = rollout.scores_B.nan_to_num(float("nan")).view(-1, G)
+        scores = rollout.scores_B.view(-1, G)
         valid = rollout.valid_B.view(-1, G)
         spread = torch.where(valid, scores, torch.nan)
         has_signal = (torch.nan_to_num(spread, nan=float("inf")).amin(-1)
