@@ -149,14 +149,21 @@ def model_shapes(path: Path) -> dict:
 # children
 
 
-def tether_config(model_path: str, algo: str, steps: int, *, autocast: bool, dtype: str, threads: int | None,
+PRECISIONS = {  # tether's precision modes, as config overrides
+    "fp32": {},
+    "bf16": {"dtype": "bfloat16", "master_weights": True},  # bf16 weights, fp32 masters in AdamW
+    "autocast": {"autocast": "bfloat16"},  # fp32 weights, bf16 autocast; bf16 sampler copy
+}
+
+
+def tether_config(model_path: str, algo: str, steps: int, *, precision: str, threads: int | None,
                   overrides: list[str]) -> "object":
     from tether.config import resolve_config
 
     name, _, variant = algo.partition("-")
     raw = {
         "seed": 0, "steps": steps, "device": "cpu", "threads": threads,
-        "model": {"path": model_path, "dtype": dtype, "autocast": "bfloat16" if autocast else None},
+        "model": {"path": model_path, **PRECISIONS[precision]},
         "rollout": {"prompts_per_step": 8, "group_size": 4, "max_new_tokens": 64, "temperature": 1.0,
                     "top_k": 0, "top_p": 1.0, "micro_batch_size": 64},
         "algorithm": {"name": name},
@@ -176,7 +183,7 @@ def child_tether(args) -> None:
     from tether.train.loop import Trainer
 
     load_start = loadavg()
-    cfg = tether_config(args.model, args.algo, args.steps + 1, autocast=args.bf16, dtype=args.dtype,
+    cfg = tether_config(args.model, args.algo, args.steps + 1, precision=args.precision,
                         threads=args.threads, overrides=args.set)
     rows = [{"prompt": p} for p in make_prompts(256, seed=0)]
     reward = RewardScorer([(digit_fraction, 1.0)])
@@ -207,7 +214,7 @@ def child_tether(args) -> None:
             "passes_values": int(ro.old_values_BT is not None), "critic": trainer.critic is not None,
         })
         steps.append(rec)
-    emit({"side": "tether", "algo": args.algo, "bf16": args.bf16, "dtype": args.dtype,
+    emit({"side": "tether", "algo": args.algo, "bf16": args.precision != "fp32", "precision": args.precision,
           "threads": torch.get_num_threads(), "setup_s": setup_s, "steps": steps, "peak_rss_mib": peak_rss_mib(),
           "rss_after_setup_mib": rss_after_setup, "loadavg_start": load_start, "loadavg_end": loadavg(),
           "torch": torch.__version__, "profile": profile})
@@ -344,12 +351,10 @@ def run_child(cmd: list[str], threads: int | None, label: str, timeout: float = 
     return res
 
 
-def tether_cmd(model: Path, algo: str, steps: int, bf16: bool, args, profile: bool = False,
+def tether_cmd(model: Path, algo: str, steps: int, precision: str, args, profile: bool = False,
                extra_sets: list[str] = ()) -> list[str]:
     cmd = [sys.executable, str(HERE / "run.py"), "--child", "tether", "--model", str(model), "--algo", algo,
-           "--steps", str(steps), "--dtype", args.dtype]
-    if bf16:
-        cmd.append("--bf16")
+           "--steps", str(steps), "--precision", precision]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     for s in list(args.set) + list(extra_sets):
@@ -461,8 +466,8 @@ def bench(args) -> dict:
         path = ensure_model(size)
         shapes = model_shapes(path)
         for algo in algos:
-            label = f"{size} {algo} {'bf16' if args.bf16 else 'fp32'}"
-            res = run_child(tether_cmd(path, algo, args.steps, args.bf16, args), args.threads, label)
+            label = f"{size} {algo} {args.precision}"
+            res = run_child(tether_cmd(path, algo, args.steps, args.precision, args), args.threads, label)
             rows.append({"label": label, "size": size, "algo": algo, "shapes": shapes, "result": res})
             st = [s["time/step"] for s in res["steps"][1:]]
             print(f"  {label:<26} step s {' '.join(f'{x:.2f}' for x in st)}  peak {res['peak_rss_mib']:.0f} MiB  "
@@ -499,14 +504,15 @@ def vs_trl(args) -> dict:
     for rnd in range(args.rounds):
         order = configs if rnd % 2 == 0 else configs[::-1]  # ABBA...: linear drift cancels
         for c in order:
-            side, prec, *rest = c.split("-")  # e.g. tether-bf16, trl-fp32, tether-bf16-mb8
-            bf16 = prec == "bf16"
+            side, prec, *rest = c.split("-")  # e.g. tether-bf16, trl-fp32, tether-bf16-mb8, tether-autocast
             mb = int(rest[0][2:]) if rest and rest[0].startswith("mb") else None
             if side == "tether":
-                cmd = tether_cmd(path, "grpo", args.steps, bf16, args,
+                if prec not in PRECISIONS:
+                    raise SystemExit(f"unknown tether precision in {c!r}: choose from {', '.join(PRECISIONS)}")
+                cmd = tether_cmd(path, "grpo", args.steps, prec, args,
                                  extra_sets=[f"optim.micro_batch_size={mb}"] if mb else [])
             elif side == "trl":
-                cmd = trl_cmd(path, args.steps, bf16, args, micro_batch=mb)
+                cmd = trl_cmd(path, args.steps, prec == "bf16", args, micro_batch=mb)
             else:
                 raise SystemExit(f"unknown --vs-trl-configs entry {c!r}: side-precision[-mbN], side tether|trl")
             res = run_child(cmd, args.threads, c)
@@ -535,7 +541,7 @@ def vs_trl(args) -> dict:
         one = {"B": 32, "P": 24, "T": 64, "passes_old": 0, "passes_ref": 1, "passes_values": 0, "critic": False,
                "update/epochs_done": 1, **{k: med[k] for k in ("time/step", "time/update", "time/logprobs",
                                                                  "time/generate")}}
-        acct = account({"steps": [one], "bf16": "-bf16" in c}, shapes, rates)
+        acct = account({"steps": [one], "bf16": "-fp32" not in c}, shapes, rates)
         summary[c]["floor_s"], summary[c]["floor_cpu_s"] = acct["floor_s"], acct["floor_cpu_s"]
 
     print()
@@ -605,12 +611,12 @@ def profile_mode(args) -> dict:
     path = ensure_model(size)
     shapes = model_shapes(path)
     rates = measure_rates(args)["rates"]
-    res = run_child(tether_cmd(path, algo, max(args.steps, 2), args.bf16, args, profile=True), args.threads,
+    res = run_child(tether_cmd(path, algo, max(args.steps, 2), args.precision, args, profile=True), args.threads,
                     "profile")
     p = res["profile"]
     t = p["timers"]
     upd = t["update"]
-    mode = f"{size} {algo} {'bf16' if args.bf16 else 'fp32'}"
+    mode = f"{size} {algo} {args.precision}"
     print(f"# profile: {mode}, threads {res['threads']}, load {res['loadavg_start']} -> {res['loadavg_end']}")
     print(f"step {t['step']:.2f} s = generate {t['generate']:.2f} + score {t['score']:.3f} + no-grad passes "
           f"{t['logprobs']:.2f} + update {upd:.2f} (+ advantages and statistics "
@@ -694,8 +700,11 @@ def main() -> None:
     ap.add_argument("--algos", default="grpo,ppo", help="comma list: grpo, ppo, ppo-1x1 (PPO with 1 epoch x 1 "
                                                          "minibatch), or any other preset name")
     ap.add_argument("--steps", type=int, default=2, help="measured steps per configuration (+1 warm-up)")
-    ap.add_argument("--bf16", action="store_true", help="model.autocast=bfloat16 (fp32 master weights)")
-    ap.add_argument("--dtype", default="float32", help="model.dtype (bfloat16 weights are not training-grade)")
+    ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                    help="tether's precision: fp32; bf16 = bf16 weights with fp32 master weights in AdamW "
+                         "(model.dtype=bfloat16 model.master_weights=true); autocast = fp32 weights under bf16 "
+                         "autocast (model.autocast=bfloat16)")
+    ap.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="--precision bf16")
     ap.add_argument("--threads", default="auto",
                     help="torch threads in every child: a number, or auto = 2 on an idle machine, 1 when the "
                          "1-minute load average is >= 0.5 (2-thread runs slow down 3-10x when another "

@@ -1,9 +1,11 @@
-"""HF generate backend: left padding, masks, stop strings, pad-less tokenizers, chat templates."""
+"""HF generate backend: left padding, masks, stop strings, pad-less tokenizers, chat templates, the
+preallocated KV cache and the bf16 sampler copy."""
 
+import pytest
 import torch
 
 from tether.models import load_causal_lm, load_tokenizer
-from tether.rollout.hf import HFGenerateBackend, completion_mask
+from tether.rollout.hf import HFGenerateBackend, PreallocatedLayer, completion_mask, preallocated_cache
 from tether.tasks.tiny_model import build_tiny_model
 
 
@@ -55,3 +57,79 @@ def test_chat_template_wraps_prompts(tmp_path):
     r = backend.generate([{"prompt": "hi"}], ["hi"], group_size=1)
     prompt_ids = r.input_ids_BL[0, :r.prompt_len][r.attention_mask_BL[0, :r.prompt_len].bool()]
     assert tok.decode(prompt_ids) == "[user]hi[assistant]"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("capacity_short", [False, True])
+def test_preallocated_kv_cache_samples_exactly_what_the_dynamic_cache_does(tmp_path, arch, capacity_short):
+    path = build_tiny_model(tmp_path / arch, arch=arch, hidden_size=32, num_layers=2)
+    tok = load_tokenizer(str(path))
+    model = load_causal_lm(str(path)).eval()
+    ids, mask = tok(["1+1=", "123+4="], padding=True, return_tensors="pt").values()
+    P, T = ids.shape[1], 12
+
+    def sample(cache):
+        torch.manual_seed(0)
+        extra = {"past_key_values": cache} if cache is not None else {}
+        return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
+                              max_new_tokens=T, pad_token_id=tok.pad_token_id, **extra)
+
+    # A too-small capacity must grow the buffer (and still be exact).
+    cache = preallocated_cache(model, 3 if capacity_short else P + T)
+    assert cache is not None and any(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
+    assert torch.equal(sample(None), sample(cache))
+    assert cache.get_seq_length() == P + T - 1  # the last sampled token is never fed back
+
+
+def test_sliding_window_models_keep_hf_cache(tmp_path):
+    path = build_tiny_model(tmp_path / "mistral", arch="mistral", hidden_size=32, num_layers=2)
+    assert preallocated_cache(load_causal_lm(str(path)), 16) is None  # generate then builds its own
+
+
+def test_preallocated_layer_survives_a_batch_select():
+    layer = PreallocatedLayer(capacity=8)
+    k = torch.randn(3, 2, 4, 5)
+    layer.update(k, k + 1)
+    layer.batch_select_indices(torch.tensor([0, 2]))
+    new = torch.randn(2, 2, 1, 5)
+    keys, values = layer.update(new, new + 1)
+    assert torch.equal(keys, torch.cat([k[[0, 2]], new], 2))
+    assert torch.equal(values, torch.cat([k[[0, 2]] + 1, new + 1], 2))
+
+
+def test_bf16_sampler_copy_follows_the_policy(tmp_path):
+    path = build_tiny_model(tmp_path / "m", hidden_size=32)
+    tok = load_tokenizer(str(path))
+    policy = load_causal_lm(str(path))
+    backend = HFGenerateBackend(policy, tok, max_new_tokens=4, weights_dtype=torch.bfloat16)
+    assert backend.samples_from_copy and backend.policy is not policy
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in backend.policy.parameters())
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.25)
+    before = [p.clone() for p in backend.policy.parameters()]
+    backend.sync_weights(policy)
+    for p, q, old in zip(policy.parameters(), backend.policy.parameters(), before):
+        assert torch.equal(q, p.to(torch.bfloat16)) and not torch.equal(q, old)
+    r = backend.generate([{"prompt": "1+1="}], ["1+1="], group_size=2)
+    assert torch.isfinite(r.sampler_logprobs_BT).all() and len(r) == 2
+    # The same dtype as the policy: no copy, generate runs on the policy itself.
+    same = HFGenerateBackend(policy, tok, max_new_tokens=4, weights_dtype=torch.float32)
+    assert not same.samples_from_copy and same.policy is policy
+
+
+def test_sampler_copy_of_a_lora_policy_refreshes_the_adapters(tmp_path):
+    from tether.models import apply_lora
+
+    path = build_tiny_model(tmp_path / "m", hidden_size=32)
+    tok = load_tokenizer(str(path))
+    policy = apply_lora(load_causal_lm(str(path)), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    backend = HFGenerateBackend(policy, tok, max_new_tokens=4, weights_dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if p.requires_grad:
+                p.fill_(0.5)
+    backend.sync_weights(policy)
+    copied = dict(backend.policy.named_parameters())
+    for name, p in policy.named_parameters():
+        assert torch.equal(copied[name], p.to(torch.bfloat16)), name

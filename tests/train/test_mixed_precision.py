@@ -94,3 +94,99 @@ def test_memory_savers_together(llama):
     m = t.step().metrics
     assert all(math.isfinite(v) for v in m.values())
     assert m["update/optimizer_steps"] == 4
+
+
+# --- bf16 weights with float32 master weights (model.master_weights) --------------------------------------
+
+MASTER = {"model.dtype": "bfloat16", "model.master_weights": "true"}
+
+
+def test_master_weights_compute_in_bf16_and_step_fp32_masters(llama):
+    t = make_trainer(llama, "grpo", **MASTER, **{"optim.lr": 1e-4})
+    assert all(p.dtype == torch.bfloat16 for p in t.policy.parameters())
+    masters = t.optimizers["policy"].param_groups[0]["params"]
+    assert all(m.dtype == torch.float32 for m in masters)
+    assert not t.backend.samples_from_copy  # the sampler is the bf16 policy itself
+    assert t._sampler_is_exact()
+    start = [m.clone() for m in masters]
+    t.step()
+    moved = max((m - s).abs().max().item() for m, s in zip(masters, start))
+    assert 0 < moved < 1e-3  # lr 1e-4: every step is far below bf16's resolution for weights near 1...
+    for (p, _), m in zip(t.masters["policy"].pairs, masters):
+        assert torch.equal(p, m.to(torch.bfloat16))  # ...yet the bf16 weights follow the rounded masters
+    assert all(p.grad is None for p in t.policy.parameters())  # gradients went to the masters in fp32
+
+
+def test_master_weights_accumulate_updates_that_bf16_alone_rounds_away(llama):
+    """Many small steps: the masters move, and pure bf16 weights (model.dtype=bfloat16) would not."""
+    t = make_trainer(llama, "grpo", **MASTER, **{"optim.lr": 2e-5})
+    pure = make_trainer(llama, "grpo", **{"model.dtype": "bfloat16", "optim.lr": 2e-5})
+    norm = dict(t.policy.named_parameters())["model.norm.weight"]  # RMSNorm gains start at exactly 1
+    pure_norm = dict(pure.policy.named_parameters())["model.norm.weight"]
+    master = t.masters["policy"].params[[n for n, _ in t.policy.named_parameters()].index("model.norm.weight")]
+    for _ in range(3):
+        t.step()
+        pure.step()
+    assert torch.equal(pure_norm, torch.ones_like(pure_norm))  # 3 x 2e-5 < 2^-8: bf16 rounds them away
+    assert (master - 1).abs().max() > 1e-5  # the fp32 master kept them
+    assert torch.equal(norm, master.to(torch.bfloat16))
+
+
+def test_master_weights_learn_like_fp32(llama):
+    fp32 = rewards(make_trainer(llama), 20)
+    mixed = rewards(make_trainer(llama, **MASTER), 20)
+    first = lambda r: sum(r[:4]) / 4
+    last = lambda r: sum(r[-4:]) / 4
+    assert last(mixed) > first(mixed) + 0.3, mixed
+    assert abs(last(mixed) - last(fp32)) < 0.25, (fp32, mixed)
+
+
+def test_master_weights_checkpoint_holds_the_fp32_masters_and_resumes(llama, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg_over = {**MASTER, "algorithm.use_critic": "true", "algorithm.advantage": "gae"}
+    raw = {"model": {"path": llama}, "algorithm": {"name": "ppo"}, "steps": 30, "seed": 0,
+           "rollout": {"max_new_tokens": 4, "prompts_per_step": 8, "group_size": 4},
+           "optim": {"lr": 1e-3, "critic_lr": 1e-3}}
+    cfg = resolve_config(raw, [f"{k}={v}" for k, v in cfg_over.items()])
+    t = Trainer(cfg, rows=PROMPTS, reward_fn=RewardScorer([(digit_fraction, 1.0)]), run_dir=tmp_path / "run")
+    t.step()
+    path = t.save(keep_last=2)
+    saved = load_file(str(path / "policy" / "model.safetensors"))
+    names = [n for n, _ in t.policy.named_parameters()]
+    for name, master in zip(names, t.masters["policy"].params):
+        assert saved[name].dtype == torch.float32 and torch.equal(saved[name], master), name
+    assert all(p.dtype == torch.bfloat16 for p in t.policy.parameters())  # back to bf16 after the save
+    masters_at_save = {w: [m.clone() for m in t.masters[w].params] for w in ("policy", "critic")}
+    weights_at_save = {w: [p.clone() for p, _ in t.masters[w].pairs] for w in ("policy", "critic")}
+    next_loss = t.step().metrics["loss/total"]  # the global RNG is restored by load() below: step first
+
+    again = Trainer(cfg, rows=PROMPTS, reward_fn=RewardScorer([(digit_fraction, 1.0)]), run_dir=tmp_path / "run")
+    again.load(path)
+    for which in ("policy", "critic"):
+        for a, b in zip(masters_at_save[which], again.masters[which].params):
+            assert b.dtype == torch.float32 and torch.equal(a, b)
+        for p, (q, _) in zip(weights_at_save[which], again.masters[which].pairs):
+            assert q.dtype == torch.bfloat16 and torch.equal(p, q)
+    assert again.step().metrics["loss/total"] == next_loss
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"model.master_weights": "true"}, "model.dtype=bfloat16"),
+    ({**MASTER, "model.autocast": "bfloat16"}, "drop model.autocast"),
+])
+def test_master_weights_config_errors(llama, over, message):
+    from tether.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        make_trainer(llama, **over)
+
+
+def test_autocast_samples_from_a_bf16_copy_unless_told_otherwise(llama):
+    t = make_trainer(llama, "grpo", **{"model.autocast": "bfloat16"})
+    assert t.backend.samples_from_copy and not t._sampler_is_exact()
+    assert all(p.dtype == torch.bfloat16 for p in t.backend.policy.parameters())
+    m = t.step().metrics
+    assert m["rollout/logprob_mismatch_max"] < 0.1  # a bf16 copy: bf16 noise, logged every step
+    same = make_trainer(llama, "grpo", **{"model.autocast": "bfloat16", "rollout.weights_dtype": "policy"})
+    assert not same.backend.samples_from_copy and same.backend.policy is same.policy

@@ -1,6 +1,8 @@
-"""Rollouts with Hugging Face `generate` on the policy itself (no weight sync needed)."""
+"""Rollouts with Hugging Face `generate`: on the policy itself, or on a low-precision copy of it."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from tether.rollout.batch import Rollout
 
@@ -88,13 +91,128 @@ class SampledLogprobs(LogitsProcessor):
         return torch.stack(self.logprobs[:T], 1)
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer that writes each step into a buffer sized for the whole generation.
+
+    HF's `DynamicLayer` grows by `torch.cat`, re-copying the layer's whole cache at every token; here each
+    step writes only its own positions and attention reads a view of the filled part (5% of a 47M model's
+    bf16 sampling time on CPU, measured). Only `generate`'s plain sampling path is used: the batch never
+    shrinks, and the methods below that reshape a cache keep the buffer consistent by starting a new one.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key_states.shape[-2]
+        if not self.is_initialized or end > self._keys.shape[-2]:
+            self._allocate(key_states, value_states, max(self.capacity, end))
+        self._keys[:, :, self.length:end] = key_states
+        self._values[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+    def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        B, H, _, D = key_states.shape
+        keys = key_states.new_empty(B, H, capacity, D)
+        values = value_states.new_empty(B, H, capacity, value_states.shape[-1])
+        if self.is_initialized and self.length:
+            keys[:, :, :self.length] = self.keys
+            values[:, :, :self.length] = self.values
+        self._keys, self._values = keys, values
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def _restart_from_current(self) -> None:
+        # After an out-of-place edit of self.keys/values (crop, beam reorder, batch select): copy them into a
+        # fresh buffer so later writes land in the tensors attention reads.
+        if self.is_initialized:
+            self.length = self.keys.shape[-2]
+            self.is_initialized = False
+            self._allocate(self.keys, self.values, max(self.capacity, self.length))
+            self._keys[:, :, :self.length] = self.keys
+            self._values[:, :, :self.length] = self.values
+            self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+
+    def reset(self) -> None:
+        super().reset()
+        self.length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._restart_from_current()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._restart_from_current()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._restart_from_current()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._restart_from_current()
+
+
+def preallocated_cache(model: nn.Module, capacity: int) -> Cache | None:
+    """A `DynamicCache` whose full-attention layers are `PreallocatedLayer`s; None where the model's cache
+    layout is not the plain one (sliding-window and other layer types keep HF's own classes)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    try:
+        cache = DynamicCache(config=config)
+    except Exception:  # a config HF cannot map to cache layers: let generate build its own
+        return None
+    if not cache.layers:
+        return None
+    if not any(type(layer) is DynamicLayer for layer in cache.layers):
+        return None  # e.g. Mistral's sliding-window layers
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
+                    for layer in cache.layers]
+    return cache
+
+
+def sampler_copy(policy: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen copy of the policy in `dtype` for sampling (refreshed by `copy_trainable_weights`)."""
+    clone = copy.deepcopy(policy).to(dtype)
+    clone.eval()
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone
+
+
+@torch.no_grad()
+def copy_trainable_weights(source: nn.Module, target: nn.Module) -> None:
+    """target <- source for every parameter the optimiser can change (all of them, or LoRA's adapters)."""
+    for (name, src), (name_t, dst) in zip(source.named_parameters(), target.named_parameters()):
+        if name != name_t:
+            raise RuntimeError(f"sampler copy out of step with the policy: {name!r} vs {name_t!r}")
+        if src.requires_grad:
+            dst.copy_(src)
+
+
 class HFGenerateBackend:
     """Sample with `model.generate`, keeping the log-probs the sampler used for each token."""
 
     def __init__(self, policy: nn.Module, tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_strings=(),
-                 micro_batch_size: int = 64, chat_template: bool = False, autocast_dtype=None):
+                 micro_batch_size: int = 64, chat_template: bool = False, autocast_dtype=None,
+                 weights_dtype: torch.dtype | None = None):
+        """`weights_dtype`: sample from a copy of the policy in this dtype (e.g. bfloat16: no autocast casts,
+        half the weight bandwidth), refreshed from the policy by `sync_weights` after every optimiser step.
+        None samples from the policy itself (under `autocast_dtype`, if given)."""
+        self.source = policy
         self.policy = policy
+        if weights_dtype is not None and weights_dtype != next(policy.parameters()).dtype:
+            self.policy = sampler_copy(policy, weights_dtype)
+            autocast_dtype = None
+        self.max_new_tokens = max_new_tokens
         self.tokenizer = tokenizer
         self.stop_strings = list(stop_strings)
         self.micro_batch_size = micro_batch_size
@@ -119,8 +237,17 @@ class HFGenerateBackend:
             stop_strings=self.stop_strings or None,
         )
 
+    @property
+    def samples_from_copy(self) -> bool:
+        """True when sampling runs on a separate (lower-precision) copy: its log-probs are then not
+        bit-for-bit those of the trainer's forward."""
+        return self.policy is not self.source
+
     def sync_weights(self, policy: nn.Module) -> None:
-        self.policy = policy  # generate runs on the policy object itself
+        if self.samples_from_copy:
+            copy_trainable_weights(policy, self.policy)
+        else:
+            self.policy = self.source = policy  # generate runs on the policy object itself
 
     @torch.no_grad()
     def _generate_chunk(self, prompts: list[str], rows: list[dict], group_size: int) -> Rollout:
@@ -135,7 +262,9 @@ class HFGenerateBackend:
         try:
             with autocast:
                 recorder = SampledLogprobs()
-                sequences = self.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                cache = preallocated_cache(self.policy, P + self.max_new_tokens)
+                extra = {"past_key_values": cache} if cache is not None else {}
+                sequences = self.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **extra,
                                                  generation_config=self.gen_config,
                                                  logits_processor=LogitsProcessorList(self.warpers + [recorder]),
                                                  tokenizer=self.tokenizer if self.stop_strings else None)

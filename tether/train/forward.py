@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tether.core.logprobs import logprobs_and_entropy
 from tether.rollout.batch import Rollout
@@ -69,10 +70,32 @@ def split_micro_batches(rollout: Rollout, rows: torch.Tensor, *, micro_batch_siz
     return [make_micro_batch(rollout, torch.tensor(b)) for b in batches]
 
 
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+def autocast_context(model: nn.Module, device: torch.device, dtype: torch.dtype | None
+                     ) -> contextlib.AbstractContextManager:
+    """Autocast in `dtype` (if any); on CPU in bf16, a trained model's forwards use the math attention kernel.
+
+    CPU's flash-attention backward is slow in bf16: on a 47M Llama (32 x 88 positions, 2 threads) a
+    forward + backward took 1.55 s with it and 1.36 s with the math kernel, whose forward is slower but whose
+    backward is a few large matmuls (benchmarks/README.md). The choice is per model, not per pass, so the
+    no-grad pi_old pass and the training forward compute the same numbers (the first minibatch's ratio is
+    exactly 1); frozen models keep the flash kernel, faster forward-only. Not with gradient checkpointing,
+    whose recomputation in backward would run outside this context. fp32 and GPUs keep PyTorch's choice.
+    """
+    stack = contextlib.ExitStack()
+    if dtype is not None:
+        stack.enter_context(torch.autocast(device.type, dtype=dtype))
+    if device.type == "cpu" and _math_attention(model, dtype):
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack
+
+
+def _math_attention(model: nn.Module, autocast_dtype: torch.dtype | None) -> bool:
+    params = list(model.parameters())
+    if not params or torch.bfloat16 not in (autocast_dtype, params[0].dtype):
+        return False
+    if not any(p.requires_grad for p in params):
+        return False
+    return not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 def policy_logprobs(model: nn.Module, mb: MicroBatch, *, temperature: float, with_entropy: bool,
@@ -83,7 +106,7 @@ def policy_logprobs(model: nn.Module, mb: MicroBatch, *, temperature: float, wit
     completion token t, and the final position predicts nothing, so it is dropped.
     """
     device = mb.input_ids.device
-    with autocast_context(device, autocast_dtype):
+    with autocast_context(model, device, autocast_dtype):
         out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
                     logits_to_keep=mb.width + 1, use_cache=False)
     logits = out.logits[:, :-1]
@@ -94,7 +117,7 @@ def policy_logprobs(model: nn.Module, mb: MicroBatch, *, temperature: float, wit
 def critic_values(critic: nn.Module, mb: MicroBatch, *, autocast_dtype: torch.dtype | None = None
                   ) -> torch.Tensor:
     """V(s_t) for each completion token t: the value at the position that predicts token t."""
-    with autocast_context(mb.input_ids.device, autocast_dtype):
+    with autocast_context(critic, mb.input_ids.device, autocast_dtype):
         values = critic(mb.input_ids, mb.attention_mask, mb.position_ids)
     p, t = mb.prompt_len, mb.width
     return values[:, p - 1:p - 1 + t].float() * mb.response_mask

@@ -9,6 +9,7 @@ Every algorithmic choice is a field of `TrainConfig.algorithm`; the pieces are `
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -36,6 +37,7 @@ from tether.train.forward import (
     scatter_rows,
     split_micro_batches,
 )
+from tether.train.precision import MasterWeights
 from tether.train.stats import StatAccumulator
 
 log = logging.getLogger("tether")
@@ -74,7 +76,10 @@ class Trainer:
 
         # --- models -------------------------------------------------------------------------------------
         self.tokenizer = M.load_tokenizer(m.path, trust_remote_code=m.trust_remote_code)
-        self.policy = M.load_causal_lm(m.path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+        # With master weights the model is read in float32 (the masters, and the reference copy, come from the
+        # checkpoint's own values) and cast to model.dtype below.
+        load_dtype = "float32" if m.master_weights else m.dtype
+        self.policy = M.load_causal_lm(m.path, dtype=load_dtype, trust_remote_code=m.trust_remote_code,
                                        device=self.device, disable_dropout=m.disable_dropout)
         self.context_window = M.context_window(self.policy)
         self.autocast_dtype = M.DTYPES[m.autocast] if m.autocast else None
@@ -90,28 +95,37 @@ class Trainer:
             if m.lora.r > 0 and m.ref_path is None:
                 self.reference = M.ReferencePolicy(adapter_host=self.policy)
             elif m.ref_path is None:
-                self.reference = M.ReferencePolicy(model=M.copy_frozen(self.policy, m.frozen_dtype))
+                self.reference = M.ReferencePolicy(model=M.copy_frozen(self.policy, m.frozen_dtype_name()))
             else:
-                ref = M.load_causal_lm(m.ref_path, dtype=m.frozen_dtype, trust_remote_code=m.trust_remote_code,
-                                       device=self.device)
+                ref = M.load_causal_lm(m.ref_path, dtype=m.frozen_dtype_name(),
+                                       trust_remote_code=m.trust_remote_code, device=self.device)
                 self.reference = M.ReferencePolicy(model=M.freeze(ref))
         self.critic = None
         if a.use_critic:
-            self.critic = M.ValueModel.from_pretrained(m.critic_path or m.path, dtype=m.dtype,
+            self.critic = M.ValueModel.from_pretrained(m.critic_path or m.path, dtype=load_dtype,
                                                        trust_remote_code=m.trust_remote_code,
                                                        disable_dropout=m.disable_dropout).to(self.device)
             if m.gradient_checkpointing:
                 self.critic.gradient_checkpointing_enable()
         self.policy.train()
+        self.masters: dict[str, MasterWeights] = {}
+        if m.master_weights:
+            if self.dist.enabled:
+                from tether.config import ConfigError
+
+                raise ConfigError("model.master_weights=true runs on one process for now: use model.autocast="
+                                  "bfloat16 with several ranks")
+            self.masters = {name: MasterWeights(module, M.DTYPES[m.dtype])
+                            for name, module in self._checkpointed_models().items()}
         self._wrap_distributed()
 
         # --- optimisation -------------------------------------------------------------------------------
         o = cfg.optim
         self.updates_per_step = a.epochs * a.minibatches
         total_updates = cfg.steps * self.updates_per_step
-        self.optimizers = {"policy": self._adamw(self.policy, o.lr)}
+        self.optimizers = {"policy": self._adamw("policy", self.policy, o.lr)}
         if self.critic is not None:
-            self.optimizers["critic"] = self._adamw(self.critic, o.critic_lr)
+            self.optimizers["critic"] = self._adamw("critic", self.critic, o.critic_lr)
         sched_name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[o.schedule]
         self.schedulers = {k: get_scheduler(sched_name, opt, num_warmup_steps=o.warmup_steps,
                                             num_training_steps=total_updates)
@@ -136,8 +150,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     # set-up helpers
 
-    def _adamw(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-        params = [p for p in model.parameters() if p.requires_grad]
+    def _adamw(self, name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        params = (self.masters[name].params if name in self.masters
+                  else [p for p in model.parameters() if p.requires_grad])
         o = self.cfg.optim
         # The fused kernel updates all parameters in one pass (4x faster optimiser step on CPU, measured).
         return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
@@ -209,7 +224,23 @@ class Trainer:
         return HFGenerateBackend(self.policy, self.tokenizer, max_new_tokens=r.max_new_tokens,
                                  temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                  stop_strings=r.stop_strings, micro_batch_size=r.micro_batch_size,
-                                 chat_template=m.chat_template, autocast_dtype=self.autocast_dtype)
+                                 chat_template=m.chat_template, autocast_dtype=self.autocast_dtype,
+                                 weights_dtype=self._sampler_weights_dtype())
+
+    def _sampler_weights_dtype(self) -> torch.dtype | None:
+        """The dtype of the HF sampler's own copy of the policy; None: sample from the policy itself."""
+        r, m = self.cfg.rollout, self.cfg.model
+        fsdp = self.dist.enabled and self.cfg.distributed.strategy == "fsdp"
+        if r.weights_dtype == "auto":
+            return torch.bfloat16 if m.autocast == "bfloat16" and not fsdp else None
+        if r.weights_dtype == "policy":
+            return None
+        if fsdp:
+            from tether.config import ConfigError
+
+            raise ConfigError(f"rollout.weights_dtype={r.weights_dtype} keeps a whole copy of the policy, which "
+                              "FSDP shards: use rollout.weights_dtype=policy with distributed.strategy=fsdp")
+        return M.DTYPES[r.weights_dtype]
 
     @property
     def beta(self) -> float:
@@ -302,9 +333,11 @@ class Trainer:
         return mbs
 
     def _sampler_is_exact(self) -> bool:
-        """The sampler drew from softmax(logits / T) itself (no top-k / top-p truncation)."""
+        """The sampler drew from softmax(logits / T) of the trained policy's own forward (no top-k / top-p
+        truncation, not a copy in another precision)."""
         r = self.cfg.rollout
-        return r.top_k == 0 and r.top_p >= 1.0 and r.backend == "hf"
+        return (r.top_k == 0 and r.top_p >= 1.0 and r.backend == "hf"
+                and not getattr(self.backend, "samples_from_copy", False))
 
     @torch.no_grad()
     def reference_passes(self, rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatAccumulator) -> None:
@@ -516,6 +549,8 @@ class Trainer:
             for name, opt in self.optimizers.items():
                 opt.step()
                 self.schedulers[name].step()
+                if name in self.masters:
+                    self.masters[name].masters_to_model()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         return ok
@@ -641,11 +676,18 @@ class Trainer:
             models, optimizers = self._gather_for_checkpoint(models)
         path = None
         if self.dist.is_main:
-            path = save_checkpoint(self.run_dir, self.step_count, models=models, optimizers=optimizers,
-                                   schedulers=self.schedulers, state=self.state(), keep_last=keep_last,
-                                   tokenizer=self.tokenizer)
+            with self._full_precision_models():  # master weights: the checkpoint holds the fp32 masters
+                path = save_checkpoint(self.run_dir, self.step_count, models=models, optimizers=optimizers,
+                                       schedulers=self.schedulers, state=self.state(), keep_last=keep_last,
+                                       tokenizer=self.tokenizer)
         self.dist.barrier()
         return path
+
+    def _full_precision_models(self, load: bool = False) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        for mw in self.masters.values():
+            stack.enter_context(mw.full_precision(load=load))
+        return stack
 
     def _checkpointed_models(self) -> dict:
         models = {"policy": self.policy}
@@ -688,8 +730,9 @@ class Trainer:
                       for name, skel in self._skeletons.items()}
             optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1.0)
                           for name, m in models.items()}
-        state = load_checkpoint(path, models=models, optimizers=optimizers, schedulers=self.schedulers,
-                                restore_rng=True)
+        with self._full_precision_models(load=True):
+            state = load_checkpoint(path, models=models, optimizers=optimizers, schedulers=self.schedulers,
+                                    restore_rng=True)
         if sharded:
             self._scatter_loaded(models, optimizers)
         self.step_count = int(state["step"])

@@ -76,7 +76,7 @@ def build_reward(cfg: TrainConfig, extra: list | None = None):
         from tether.rewards.reward_model import RewardModelScorer
 
         rm = RewardModelScorer(cfg.reward.reward_model, batch_size=cfg.reward.reward_model_batch_size,
-                               dtype=DTYPES[cfg.model.frozen_dtype], normalize=cfg.reward.normalize,
+                               dtype=DTYPES[cfg.model.frozen_dtype_name()], normalize=cfg.reward.normalize,
                                clip=cfg.reward.clip, trust_remote_code=cfg.model.trust_remote_code)
         functions.append((rm, cfg.reward.reward_model_weight))
     if not functions:
