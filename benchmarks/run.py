@@ -160,7 +160,7 @@ def tether_config(model_path: str, algo: str, steps: int, *, precision: str, thr
                   overrides: list[str]) -> "object":
     from tether.config import resolve_config
 
-    name, _, variant = algo.partition("-")
+    name, *variants = algo.split("-")
     raw = {
         "seed": 0, "steps": steps, "device": "cpu", "threads": threads,
         "model": {"path": model_path, **PRECISIONS[precision]},
@@ -169,10 +169,14 @@ def tether_config(model_path: str, algo: str, steps: int, *, precision: str, thr
         "algorithm": {"name": name},
         "optim": {"lr": 1e-5, "critic_lr": 1e-5, "micro_batch_size": 32},
     }
-    if variant == "1x1":  # PPO at GRPO's update budget: one epoch, one minibatch
-        raw["algorithm"].update({"epochs": 1, "minibatches": 1})
-    elif variant:
-        raise SystemExit(f"unknown algorithm variant {algo!r} (known: grpo, ppo, ppo-1x1, any preset name)")
+    for variant in variants:
+        if variant == "1x1":  # PPO at GRPO's update budget: one epoch, one minibatch
+            raw["algorithm"].update({"epochs": 1, "minibatches": 1})
+        elif variant == "shared":  # the critic is a value head on the policy's trunk
+            raw["algorithm"]["critic"] = "shared"
+        else:
+            raise SystemExit(f"unknown algorithm variant {variant!r} in {algo!r} (known: 1x1, shared; e.g. "
+                             "ppo-1x1-shared)")
     return resolve_config(raw, overrides=overrides)
 
 
@@ -211,7 +215,9 @@ def child_tether(args) -> None:
         rec.update({
             "B": len(ro), "P": ro.prompt_len, "T": int(ro.response_mask_BT.shape[1]),
             "passes_old": int(ro.old_logprobs_BT is not None), "passes_ref": int(ro.ref_logprobs_BT is not None),
-            "passes_values": int(ro.old_values_BT is not None), "critic": trainer.critic is not None,
+            # A shared critic's values come from the policy's own passes: no critic FLOPs of its own.
+            "passes_values": int(ro.old_values_BT is not None and not trainer.shared_critic),
+            "critic": trainer.critic is not None and not trainer.shared_critic,
         })
         steps.append(rec)
     emit({"side": "tether", "algo": args.algo, "bf16": args.precision != "fp32", "precision": args.precision,
@@ -429,7 +435,7 @@ def fmt_row(cols, widths):
 def print_table(rows: list[dict]) -> None:
     head = ["config", "params", "gen s", "score s", "lp s", "upd s", "step s", "CPU s", "tok/s", "len", "peakMiB",
             "upd util", "step util", "floor s", "step/floor", "CPU/floor", "load"]
-    widths = [22, 7, 6, 7, 6, 6, 6, 6, 6, 4, 7, 8, 9, 7, 10, 9, 9]
+    widths = [28, 7, 6, 7, 6, 6, 6, 6, 6, 4, 7, 8, 9, 7, 10, 9, 9]
     print(fmt_row(head, widths))
     for r in rows:
         a, m = r["acct"], r["acct"]["median"]

@@ -138,6 +138,11 @@ class AlgorithmConfig:
                                    "refill from new prompts.")
     max_filter_rounds: int = F(3, "Extra generation rounds allowed to refill filtered groups.", ge=0)
     use_critic: bool = F(False, "Train a value head (needed by the gae estimator).")
+    critic: str = F("separate", "separate: the critic is a second transformer (model.critic_path, default the "
+                                "policy's initial weights) with a value head. shared: a value head on the "
+                                "policy's own last hidden states; one forward and backward serve both losses "
+                                "and the value loss (x value_coef) also trains the policy's trunk (PPO at "
+                                "close to GRPO's cost).", choices=("separate", "shared"))
     tis_cap: float | None = F(None, "Truncated importance sampling: weight each token by min(pi_old / "
                                     "pi_sampler, cap) to correct sampler/trainer mismatch.", gt=0)
 

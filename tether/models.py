@@ -99,6 +99,29 @@ class ReferencePolicy:
                 yield self.adapter_host
 
 
+def init_value_head(head: nn.Linear, hidden_size: int) -> None:
+    # Small init keeps the first values near 0, so early advantages are close to the raw returns.
+    nn.init.normal_(head.weight, std=1.0 / (hidden_size + 1) ** 0.5 * 0.1)
+    nn.init.zeros_(head.bias)
+
+
+def hidden_size(model: nn.Module) -> int:
+    cfg = model.config
+    return getattr(cfg, "hidden_size", None) or cfg.n_embd
+
+
+class SharedValueHead(nn.Module):
+    """A critic that shares the policy's trunk: V(s_t) = w . h_t + b on the policy's last hidden states."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.value_head = nn.Linear(hidden, 1)
+        init_value_head(self.value_head, hidden)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.value_head(hidden_states).squeeze(-1).float()
+
+
 class ValueModel(nn.Module):
     """Critic: a transformer backbone with a scalar head giving V(s_t) at every position."""
 
@@ -106,9 +129,7 @@ class ValueModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.value_head = nn.Linear(hidden_size, 1)
-        # Small init keeps the first values near 0, so early advantages are close to the raw returns.
-        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden_size + 1) ** 0.5 * 0.1)
-        nn.init.zeros_(self.value_head.bias)
+        init_value_head(self.value_head, hidden_size)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
@@ -116,8 +137,7 @@ class ValueModel(nn.Module):
         backbone = AutoModel.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         if disable_dropout:
             _disable_dropout(backbone)
-        hidden = getattr(backbone.config, "hidden_size", None) or backbone.config.n_embd
-        return cls(backbone, hidden).to(DTYPES[dtype])
+        return cls(backbone, hidden_size(backbone)).to(DTYPES[dtype])
 
     def forward(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)

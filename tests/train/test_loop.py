@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tether.config import ConfigError, resolve_config
+from tether.models import SharedValueHead
 from tether.rewards.functions import RewardError, RewardScorer
 from tether.tasks.tiny_model import build_tiny_model
 from tether.train.loop import Trainer, TrainingError
@@ -55,6 +56,35 @@ def test_every_preset_learns(llama, algo):
     assert last > first + 0.08, (algo, first, last)
     for m in metrics:
         assert all(math.isfinite(v) for k, v in m.items() if not k.startswith("reward/") or "rate" not in k), m
+
+
+@pytest.mark.slow
+def test_ppo_with_a_shared_critic_learns(llama):
+    metrics = run(make_trainer(llama, "ppo", **{"algorithm.critic": "shared"}), 30)
+    first = sum(m["reward/mean"] for m in metrics[:5]) / 5
+    last = sum(m["reward/mean"] for m in metrics[-5:]) / 5
+    assert last > first + 0.08, (first, last)
+    assert metrics[-1]["value/explained_variance"] > metrics[0]["value/explained_variance"]
+
+
+@pytest.mark.parametrize("algo, arch", [("ppo", "llama"), ("ppo", "gpt2")])
+def test_shared_critic_trains_the_head_and_the_trunk(llama, gpt2, algo, arch):
+    """The value loss flows into the policy's own trunk: value_coef changes the policy's update, the head is
+    a few hundred parameters, and no second transformer is built."""
+    path = llama if arch == "llama" else gpt2
+    updated = {}
+    for coef in ("0.0", "0.5"):
+        t = make_trainer(path, algo, **{"algorithm.critic": "shared", "algorithm.value_coef": coef,
+                                        "algorithm.epochs": 1, "algorithm.minibatches": 1})
+        assert isinstance(t.critic, SharedValueHead) and sum(p.numel() for p in t.critic.parameters()) < 100
+        head = [p.clone() for p in t.critic.parameters()]
+        m = t.step().metrics
+        assert m["policy/first_minibatch_ratio_dev"] == 0.0  # pi_old comes from the pass that gives old values
+        assert math.isfinite(m["loss/value"])
+        moved = any(not torch.equal(a, b) for a, b in zip(head, t.critic.parameters()))
+        assert moved == (coef != "0.0")
+        updated[coef] = [p.detach().clone() for p in t.policy.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(updated["0.0"], updated["0.5"]))
 
 
 def test_gpt2_architecture_runs(gpt2):

@@ -105,13 +105,28 @@ def policy_logprobs(model: nn.Module, mb: MicroBatch, *, temperature: float, wit
     `logits_to_keep` asks the model for logits at the last t+1 positions only: position P-1+t predicts
     completion token t, and the final position predicts nothing, so it is dropped.
     """
+    lp, ent, _ = policy_logprobs_and_values(model, None, mb, temperature=temperature, with_entropy=with_entropy,
+                                            autocast_dtype=autocast_dtype)
+    return lp, ent
+
+
+def policy_logprobs_and_values(model: nn.Module, value_head: nn.Module | None, mb: MicroBatch, *,
+                               temperature: float, with_entropy: bool, autocast_dtype: torch.dtype | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`policy_logprobs`, plus V(s_t) from a value head on the same forward's last hidden states (a critic
+    that shares the policy's trunk) when `value_head` is given."""
     device = mb.input_ids.device
     with autocast_context(model, device, autocast_dtype):
         out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                    logits_to_keep=mb.width + 1, use_cache=False)
+                    logits_to_keep=mb.width + 1, use_cache=False, output_hidden_states=value_head is not None)
+        values = None
+        if value_head is not None:
+            p, t = mb.prompt_len, mb.width
+            values = value_head(out.hidden_states[-1][:, p - 1:p - 1 + t]).float() * mb.response_mask
     logits = out.logits[:, :-1]
-    return logprobs_and_entropy(logits, mb.completion_ids, temperature=temperature, mask_BT=mb.response_mask,
-                                with_entropy=with_entropy)
+    lp, ent = logprobs_and_entropy(logits, mb.completion_ids, temperature=temperature, mask_BT=mb.response_mask,
+                                   with_entropy=with_entropy)
+    return lp, ent, values
 
 
 def critic_values(critic: nn.Module, mb: MicroBatch, *, autocast_dtype: torch.dtype | None = None

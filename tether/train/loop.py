@@ -34,6 +34,7 @@ from tether.train.forward import (
     gather_rows,
     make_micro_batch,
     policy_logprobs,
+    policy_logprobs_and_values,
     scatter_rows,
     split_micro_batches,
 )
@@ -101,7 +102,10 @@ class Trainer:
                                        trust_remote_code=m.trust_remote_code, device=self.device)
                 self.reference = M.ReferencePolicy(model=M.freeze(ref))
         self.critic = None
-        if a.use_critic:
+        self.shared_critic = a.use_critic and a.critic == "shared"
+        if self.shared_critic:
+            self.critic = M.SharedValueHead(M.hidden_size(self.policy)).to(self.device, M.DTYPES[load_dtype])
+        elif a.use_critic:
             self.critic = M.ValueModel.from_pretrained(m.critic_path or m.path, dtype=load_dtype,
                                                        trust_remote_code=m.trust_remote_code,
                                                        disable_dropout=m.disable_dropout).to(self.device)
@@ -200,6 +204,9 @@ class Trainer:
         from tether.config import ConfigError
 
         r, a, w = self.cfg.rollout, self.cfg.algorithm, self.dist.world_size
+        if self.shared_critic and self.cfg.distributed.strategy == "fsdp":
+            raise ConfigError("algorithm.critic=shared is not supported with distributed.strategy=fsdp yet: use "
+                              "ddp, or algorithm.critic=separate")
         if r.prompts_per_step % w:
             raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} cannot be split evenly over "
                               f"{w} ranks: make it a multiple of {w}.")
@@ -343,17 +350,23 @@ class Trainer:
     def reference_passes(self, rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatAccumulator) -> None:
         a, r = self.cfg.algorithm, self.cfg.rollout
         B, T = rollout.response_mask_BT.shape
-        need_old = self.updates_per_step > 1 or (
+        # A shared critic needs a forward of the policy for the old values anyway: pi_old comes with it.
+        need_old = self.shared_critic or self.updates_per_step > 1 or (
             a.kl_mode == "reward" and self.uses_reference and not self._sampler_is_exact())
         minibatches = first_epoch_order.tensor_split(a.minibatches)
         # Micro-batches aligned with the first epoch's, so the first minibatch's ratio is exactly 1.
         micro = [mb for rows in minibatches for mb in self._micro_batches(rollout, rows)]
         if need_old:
             rollout.old_logprobs_BT = torch.zeros(B, T, device=self.device)
+            if self.shared_critic:
+                rollout.old_values_BT = torch.zeros(B, T, device=self.device)
             for mb in micro:
-                lp, _ = policy_logprobs(self.policy, mb, temperature=r.temperature, with_entropy=False,
-                                        autocast_dtype=self.autocast_dtype)
+                lp, _, values = policy_logprobs_and_values(
+                    self.policy, self.critic if self.shared_critic else None, mb, temperature=r.temperature,
+                    with_entropy=False, autocast_dtype=self.autocast_dtype)
                 scatter_rows(rollout.old_logprobs_BT, mb, lp)
+                if values is not None:
+                    scatter_rows(rollout.old_values_BT, mb, values)
                 self._log_mismatch(acc, lp, gather_rows(rollout.sampler_logprobs_BT, mb)
                                    if rollout.sampler_logprobs_BT is not None else None, mb.response_mask)
         if self.uses_reference:
@@ -363,7 +376,7 @@ class Trainer:
                     lp, _ = policy_logprobs(ref_model, mb, temperature=r.temperature, with_entropy=False,
                                             autocast_dtype=self.autocast_dtype)
                     scatter_rows(rollout.ref_logprobs_BT, mb, lp)
-        if self.critic is not None:
+        if self.critic is not None and not self.shared_critic:
             rollout.old_values_BT = torch.zeros(B, T, device=self.device)
             for mb in micro:
                 scatter_rows(rollout.old_values_BT, mb, critic_values(self.critic, mb,
@@ -460,8 +473,9 @@ class Trainer:
                 mb_loss_stats: dict[str, torch.Tensor] = {}
                 approx_kl_sum = torch.zeros(())
                 for mb in self._micro_batches(rollout, mb_rows):
-                    lp, ent = policy_logprobs(self.policy_module, mb, temperature=r.temperature,
-                                              with_entropy=need_entropy, autocast_dtype=self.autocast_dtype)
+                    lp, ent, shared_values = policy_logprobs_and_values(
+                        self.policy_module, self.critic_module if self.shared_critic else None, mb,
+                        temperature=r.temperature, with_entropy=need_entropy, autocast_dtype=self.autocast_dtype)
                     mask = mb.response_mask
                     old = (gather_rows(rollout.old_logprobs_BT, mb) if rollout.old_logprobs_BT is not None
                            else lp.detach())
@@ -480,20 +494,16 @@ class Trainer:
                         entropy_BT=ent, entropy_coef=a.entropy_coef, kl_BT=kl_BT,
                         kl_coef=self.beta if kl_BT is not None else 0.0,
                         num_sequences=n_seq, num_tokens=n_tok, max_len=r.max_new_tokens)
+                    if self.shared_critic:  # one backward: the value loss also flows into the shared trunk
+                        vloss = self._value_loss(shared_values, rollout, mb, n_seq, n_tok, lstats, acc)
+                        loss = loss + a.value_coef * vloss
                     (loss * world).backward()
-                    if self.critic is not None:
+                    if self.critic is not None and not self.shared_critic:
                         # The value term of the composite loss shares no parameters with the policy terms:
                         # its own backward, after the policy's activations are freed, lowers peak memory.
                         values = critic_values(self.critic_module, mb, autocast_dtype=self.autocast_dtype)
-                        vl_BT, vstats = value_loss(values, gather_rows(rollout.old_values_BT, mb),
-                                                   gather_rows(rollout.returns_BT, mb), mask,
-                                                   clip_range=a.value_clip)
-                        vloss = aggregate(vl_BT, mask, a.aggregation, num_sequences=n_seq, num_tokens=n_tok,
-                                          max_len=r.max_new_tokens)
+                        vloss = self._value_loss(values, rollout, mb, n_seq, n_tok, lstats, acc)
                         (a.value_coef * vloss * world).backward()
-                        lstats["loss/value"] = vloss.detach()
-                        lstats["loss/total"] = lstats["loss/total"] + a.value_coef * vloss.detach()
-                        acc.mean("value/clip_frac", vstats["value_clip_frac"], mask.sum())
                     ntok = mask.sum()
                     for k, v in lstats.items():  # each micro-batch holds its share of the minibatch sum
                         mb_loss_stats[k] = mb_loss_stats.get(k, 0.0) + v.detach()
@@ -531,6 +541,19 @@ class Trainer:
                 break
         return {"update/epochs_done": epochs_done, "update/optimizer_steps": updates,
                 "update/skipped": skipped, "update/early_stopped": float(stopped_early)}
+
+    def _value_loss(self, values: torch.Tensor, rollout: Rollout, mb, n_seq: float, n_tok: float,
+                    lstats: dict, acc: StatAccumulator) -> torch.Tensor:
+        """The value term of the composite loss for one micro-batch (its share of the minibatch)."""
+        a, mask = self.cfg.algorithm, mb.response_mask
+        vl_BT, vstats = value_loss(values, gather_rows(rollout.old_values_BT, mb), gather_rows(rollout.returns_BT, mb),
+                                   mask, clip_range=a.value_clip)
+        vloss = aggregate(vl_BT, mask, a.aggregation, num_sequences=n_seq, num_tokens=n_tok,
+                          max_len=self.cfg.rollout.max_new_tokens)
+        lstats["loss/value"] = vloss.detach()
+        lstats["loss/total"] = lstats["loss/total"] + a.value_coef * vloss.detach()
+        acc.mean("value/clip_frac", vstats["value_clip_frac"], mask.sum())
+        return vloss
 
     def _optimizer_step(self, acc: StatAccumulator) -> bool:
         """Clip, check finiteness, step. A non-finite loss or gradient leaves weights and optimiser as they were."""
