@@ -161,6 +161,11 @@ class OptimConfig:
                                   "minibatch).", ge=1)
     token_budget: int | None = F(None, "If set, micro-batches are formed by padded-token budget instead of "
                                        "a fixed count (sequences sorted by length).", ge=1)
+    no_grad_micro_batch_size: int | None = F(None, "Sequences per forward of the reference and of a separate "
+                                                   "critic's old values (no activations are kept, so it can "
+                                                   "exceed micro_batch_size); default: micro_batch_size. The "
+                                                   "pi_old pass always follows the training micro-batches.",
+                                             ge=1)
     max_bad_steps: int = F(3, "Consecutive non-finite steps tolerated before the run stops.", ge=1)
 
 

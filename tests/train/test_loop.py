@@ -231,3 +231,18 @@ def test_token_budget_micro_batches_give_the_same_update(llama):
     assert ma["loss/policy"] == pytest.approx(mb["loss/policy"], abs=1e-5)
     for (k, pa), pb in zip(a.policy.named_parameters(), b.policy.parameters()):
         assert torch.allclose(pa, pb, atol=1e-5), k
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_no_grad_micro_batch_size_changes_only_the_batching(llama, algo):
+    """Reference (and separate critic) passes in larger micro-batches give the same numbers."""
+    small = {"optim.micro_batch_size": 4}
+    a = make_trainer(llama, algo, **small)
+    ra = a.step().rollout
+    b = make_trainer(llama, algo, **small, **{"optim.no_grad_micro_batch_size": 32})
+    rb = b.step().rollout
+    assert torch.equal(ra.input_ids_BL, rb.input_ids_BL)
+    assert torch.allclose(ra.ref_logprobs_BT, rb.ref_logprobs_BT, atol=1e-5)
+    if algo == "ppo":
+        assert torch.allclose(ra.old_values_BT, rb.old_values_BT, atol=1e-5)
+        assert torch.equal(ra.old_logprobs_BT, rb.old_logprobs_BT)  # pi_old follows the training micro-batches

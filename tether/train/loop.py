@@ -356,6 +356,9 @@ class Trainer:
         minibatches = first_epoch_order.tensor_split(a.minibatches)
         # Micro-batches aligned with the first epoch's, so the first minibatch's ratio is exactly 1.
         micro = [mb for rows in minibatches for mb in self._micro_batches(rollout, rows)]
+        no_grad_size = self.cfg.optim.no_grad_micro_batch_size
+        frozen_micro = micro if no_grad_size is None else [
+            make_micro_batch(rollout, rows) for rows in first_epoch_order.split(no_grad_size)]
         if need_old:
             rollout.old_logprobs_BT = torch.zeros(B, T, device=self.device)
             if self.shared_critic:
@@ -372,13 +375,13 @@ class Trainer:
         if self.uses_reference:
             rollout.ref_logprobs_BT = torch.zeros(B, T, device=self.device)
             with self.reference.active() as ref_model:
-                for mb in micro:
+                for mb in frozen_micro:
                     lp, _ = policy_logprobs(ref_model, mb, temperature=r.temperature, with_entropy=False,
                                             autocast_dtype=self.autocast_dtype)
                     scatter_rows(rollout.ref_logprobs_BT, mb, lp)
         if self.critic is not None and not self.shared_critic:
             rollout.old_values_BT = torch.zeros(B, T, device=self.device)
-            for mb in micro:
+            for mb in frozen_micro:
                 scatter_rows(rollout.old_values_BT, mb, critic_values(self.critic, mb,
                                                                       autocast_dtype=self.autocast_dtype))
 
