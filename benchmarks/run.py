@@ -1,7 +1,7 @@
 """tether's step-time benchmark: seconds per RL step by stage, throughput, memory, and distance to the FLOP floor.
 
     .venv/bin/python benchmarks/run.py                                  # tiny+small+medium x grpo+ppo, fp32
-    .venv/bin/python benchmarks/run.py --bf16 --sizes medium --steps 3  # autocast bfloat16
+    .venv/bin/python benchmarks/run.py --precision bf16 --sizes medium  # bf16 weights + fp32 masters
     .venv/bin/python benchmarks/run.py --vs-trl                         # tether vs TRL GRPOTrainer (medium)
     .venv/bin/python benchmarks/run.py --profile                        # where one medium GRPO step goes
 
@@ -515,8 +515,9 @@ def vs_trl(args) -> dict:
             if side == "tether":
                 if prec not in PRECISIONS:
                     raise SystemExit(f"unknown tether precision in {c!r}: choose from {', '.join(PRECISIONS)}")
-                cmd = tether_cmd(path, "grpo", args.steps, prec, args,
-                                 extra_sets=[f"optim.micro_batch_size={mb}"] if mb else [])
+                # -mbN: N sequences per forward/backward; the no-grad reference pass keeps whole batches.
+                sets = [f"optim.micro_batch_size={mb}", "optim.no_grad_micro_batch_size=32"] if mb else []
+                cmd = tether_cmd(path, "grpo", args.steps, prec, args, extra_sets=sets)
             elif side == "trl":
                 cmd = trl_cmd(path, args.steps, prec == "bf16", args, micro_batch=mb)
             else:
@@ -719,7 +720,10 @@ def main() -> None:
                     help="extra tether config override for every tether child (repeatable)")
     ap.add_argument("--out", default=None, help="write everything measured to this JSON file")
     ap.add_argument("--vs-trl", action="store_true", help="tether GRPO vs TRL GRPOTrainer, alternating runs")
-    ap.add_argument("--vs-trl-configs", default="tether-fp32,trl-fp32,tether-bf16,trl-bf16")
+    ap.add_argument("--vs-trl-configs", default="tether-bf16-mb8,trl-bf16,tether-bf16,trl-fp32",
+                    help="comma list of side-precision[-mbN]: side tether|trl; tether precision fp32|bf16|autocast "
+                         "(see --precision), TRL's fp32|bf16 (its bf16=True autocast); -mbN: N sequences per "
+                         "forward/backward (gradient accumulation)")
     ap.add_argument("--rounds", type=int, default=2, help="--vs-trl: rounds over all configurations")
     ap.add_argument("--profile", action="store_true", help="profile one step of the first size/algo")
     ap.add_argument("--markdown", metavar="JSON", help="print the README table of a saved --out file and exit")
