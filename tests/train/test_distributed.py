@@ -259,11 +259,12 @@ def model(tmp_path_factory) -> str:
 def single(model):
     """One-process references: initial and one-step weights and metrics of each preset."""
     out = {}
-    for algo in ("ppo", "reinforce"):
-        t = make_trainer(model, algo, {})
+    for name, algo, over in (("ppo", "ppo", {}), ("reinforce", "reinforce", {}),
+                             ("ppo_shared", "ppo", {"algorithm.critic": "shared"})):
+        t = make_trainer(model, algo, over)
         init = trained_weights(t)
         m = t.step().metrics
-        out[algo] = {"init": init, "weights": trained_weights(t), "metrics": m}
+        out[name] = {"init": init, "weights": trained_weights(t), "metrics": m}
     return out
 
 
@@ -274,6 +275,8 @@ def ddp(model, tmp_path_factory):
     jobs = [
         {"name": "ppo", "algo": "ppo"},
         {"name": "reinforce", "algo": "reinforce"},
+        # A critic that shares the policy's trunk: two DDP modules (policy, value head) in one backward.
+        {"name": "ppo_shared", "algo": "ppo", "overrides": {"algorithm.critic": "shared"}},
         # Micro-batches by token budget: ranks may pack their rows into different numbers of micro-batches.
         {"name": "ppo_budget", "algo": "ppo", "overrides": {"optim.token_budget": 20}},
         # The job runner (logs + checkpoint at the end), 2 steps; then every rank resumes from it.
@@ -295,7 +298,7 @@ def assert_same_weights(got: dict, want: dict, init: dict | None = None) -> None
         assert moved > 100 * ATOL, moved
 
 
-@pytest.mark.parametrize("algo", ["ppo", "reinforce"])
+@pytest.mark.parametrize("algo", ["ppo", "reinforce", "ppo_shared"])
 @multiprocess
 def test_ddp_step_matches_one_process(ddp, single, algo):
     got, ref = ddp["res"][algo], single[algo]
@@ -304,7 +307,7 @@ def test_ddp_step_matches_one_process(ddp, single, algo):
     assert m["reward/mean"] == pytest.approx(r["reward/mean"], abs=1e-6)
     assert m["loss/policy"] == pytest.approx(r["loss/policy"], abs=1e-5)
     assert m["advantages/std"] > 0.1  # distinct prompts: a real learning signal
-    if algo == "ppo":
+    if algo.startswith("ppo"):
         assert m["update/optimizer_steps"] == 4
 
 

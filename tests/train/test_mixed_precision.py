@@ -190,3 +190,23 @@ def test_autocast_samples_from_a_bf16_copy_unless_told_otherwise(llama):
     assert m["rollout/logprob_mismatch_max"] < 0.1  # a bf16 copy: bf16 noise, logged every step
     same = make_trainer(llama, "grpo", **{"model.autocast": "bfloat16", "rollout.weights_dtype": "policy"})
     assert not same.backend.samples_from_copy and same.backend.policy is same.policy
+
+
+def test_master_weights_with_lora_keep_fp32_adapters_over_a_bf16_base(llama, tmp_path):
+    from safetensors.torch import load_file
+
+    raw = {"model": {"path": llama, "dtype": "bfloat16", "master_weights": True, "lora": {"r": 4}},
+           "algorithm": {"name": "grpo"}, "steps": 5, "seed": 0,
+           "rollout": {"max_new_tokens": 4, "prompts_per_step": 8, "group_size": 4}, "optim": {"lr": 1e-2}}
+    t = Trainer(resolve_config(raw, []), rows=PROMPTS, reward_fn=RewardScorer([(digit_fraction, 1.0)]),
+                run_dir=tmp_path / "run")
+    masters = t.masters["policy"].params
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    assert len(masters) == sum(p.requires_grad for p in t.policy.parameters())  # adapters only
+    frozen = {n: p.clone() for n, p in t.policy.named_parameters() if not p.requires_grad}
+    assert all(p.dtype == torch.bfloat16 for p in frozen.values())
+    for _ in range(2):
+        assert math.isfinite(t.step().metrics["loss/total"])
+    assert all(torch.equal(p, frozen[n]) for n, p in t.policy.named_parameters() if not p.requires_grad)
+    saved = load_file(str(t.save(keep_last=1) / "policy" / "adapter_model.safetensors"))
+    assert saved and all(v.dtype == torch.float32 for v in saved.values())
