@@ -165,9 +165,12 @@ def test_same_seed_same_metrics(llama):
     assert strip(a) == strip(b)
 
 
-def test_non_finite_step_is_skipped_then_stops(llama):
-    t = make_trainer(llama, "grpo", **{"optim.max_bad_steps": 3})
+@pytest.mark.parametrize("precision", [{}, {"model.dtype": "bfloat16", "model.master_weights": "true"}],
+                         ids=["fp32", "bf16-masters"])
+def test_non_finite_step_is_skipped_then_stops(llama, precision):
+    t = make_trainer(llama, "grpo", **{"optim.max_bad_steps": 3}, **precision)
     before = {k: v.clone() for k, v in t.policy.state_dict().items()}
+    masters = [p.clone() for g in t.optimizers["policy"].param_groups for p in g["params"]]
 
     # Poison the logits of training forwards (not generation) so the loss turns NaN.
     def poison(module, args, kwargs, output):
@@ -180,6 +183,8 @@ def test_non_finite_step_is_skipped_then_stops(llama):
     assert m["update/optimizer_steps"] == 0 and m["update/skipped"] == 1
     after = t.policy.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(a, b) for a, b in zip(masters, (p for g in t.optimizers["policy"].param_groups
+                                                          for p in g["params"])))
     assert all(len(s) == 0 for s in t.optimizers["policy"].state.values()) or not t.optimizers["policy"].state
     t.step()
     with pytest.raises(TrainingError, match="3 consecutive steps"):
