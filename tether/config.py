@@ -62,6 +62,10 @@ class ModelConfig:
                                      "sampling) in that dtype while AdamW steps float32 master copies, with "
                                      "gradients accumulated in float32 (classic mixed precision; faster and "
                                      "smaller than model.autocast on CPU). One process only for now.")
+    compile: bool = F(False, "torch.compile the policy for its training and pi_old forwards (dynamic shapes: "
+                              "no recompile as completion lengths change). Faster and smaller updates (47M "
+                              "model, bf16, CPU: -20 to -30% update time, about half the activation memory), "
+                              "after a first compile of about 1-2 minutes: for long runs. One process for now.")
     gradient_checkpointing: bool = F(False, "Recompute activations in the backward pass to save memory.")
     chat_template: bool = F(False, "Wrap each prompt as a user turn with the tokenizer's chat template.")
     disable_dropout: bool = F(True, "Set every dropout probability to 0 so that pi_old == pi_theta at the "

@@ -122,6 +122,16 @@ class Trainer:
             self.masters = {name: MasterWeights(module, M.DTYPES[m.dtype])
                             for name, module in self._checkpointed_models().items()}
         self._wrap_distributed()
+        # The training and pi_old forwards go through the compiled module (one graph with grad, one without);
+        # generation, the reference and the checkpoints use the plain one, which holds the same parameters.
+        self.compiled_policy = None
+        if m.compile:
+            if self.dist.enabled:
+                from tether.config import ConfigError
+
+                raise ConfigError("model.compile=true runs on one process for now")
+            self.compiled_policy = torch.compile(self.policy, dynamic=True)
+            self.policy_module = self.compiled_policy
 
         # --- optimisation -------------------------------------------------------------------------------
         o = cfg.optim
@@ -365,8 +375,8 @@ class Trainer:
                 rollout.old_values_BT = torch.zeros(B, T, device=self.device)
             for mb in micro:
                 lp, _, values = policy_logprobs_and_values(
-                    self.policy, self.critic if self.shared_critic else None, mb, temperature=r.temperature,
-                    with_entropy=False, autocast_dtype=self.autocast_dtype)
+                    self.policy if self.compiled_policy is None else self.compiled_policy, self.critic if self.shared_critic else None, mb,
+                    temperature=r.temperature, with_entropy=False, autocast_dtype=self.autocast_dtype)
                 scatter_rows(rollout.old_logprobs_BT, mb, lp)
                 if values is not None:
                     scatter_rows(rollout.old_values_BT, mb, values)
