@@ -510,13 +510,16 @@ def vs_trl(args) -> dict:
     for rnd in range(args.rounds):
         order = configs if rnd % 2 == 0 else configs[::-1]  # ABBA...: linear drift cancels
         for c in order:
-            side, prec, *rest = c.split("-")  # e.g. tether-bf16, trl-fp32, tether-bf16-mb8, tether-autocast
-            mb = int(rest[0][2:]) if rest and rest[0].startswith("mb") else None
+            side, prec, *rest = c.split("-")  # e.g. tether-bf16, trl-fp32, tether-bf16-mb8-compile
+            mb = next((int(r[2:]) for r in rest if r.startswith("mb")), None)
             if side == "tether":
-                if prec not in PRECISIONS:
-                    raise SystemExit(f"unknown tether precision in {c!r}: choose from {', '.join(PRECISIONS)}")
+                if prec not in PRECISIONS or any(r != "compile" and not r.startswith("mb") for r in rest):
+                    raise SystemExit(f"unknown tether configuration {c!r}: tether-PRECISION[-mbN][-compile], "
+                                     f"PRECISION one of {', '.join(PRECISIONS)}")
                 # -mbN: N sequences per forward/backward; the no-grad reference pass keeps whole batches.
                 sets = [f"optim.micro_batch_size={mb}", "optim.no_grad_micro_batch_size=32"] if mb else []
+                if "compile" in rest:
+                    sets.append("model.compile=true")
                 cmd = tether_cmd(path, "grpo", args.steps, prec, args, extra_sets=sets)
             elif side == "trl":
                 cmd = trl_cmd(path, args.steps, prec == "bf16", args, micro_batch=mb)
@@ -720,10 +723,10 @@ def main() -> None:
                     help="extra tether config override for every tether child (repeatable)")
     ap.add_argument("--out", default=None, help="write everything measured to this JSON file")
     ap.add_argument("--vs-trl", action="store_true", help="tether GRPO vs TRL GRPOTrainer, alternating runs")
-    ap.add_argument("--vs-trl-configs", default="tether-bf16-mb8,trl-bf16,tether-bf16,trl-fp32",
-                    help="comma list of side-precision[-mbN]: side tether|trl; tether precision fp32|bf16|autocast "
-                         "(see --precision), TRL's fp32|bf16 (its bf16=True autocast); -mbN: N sequences per "
-                         "forward/backward (gradient accumulation)")
+    ap.add_argument("--vs-trl-configs", default="tether-bf16-mb8-compile,trl-bf16,tether-bf16-mb8,trl-fp32",
+                    help="comma list of side-precision[-mbN][-compile]: side tether|trl; tether precision "
+                         "fp32|bf16|autocast (see --precision), TRL's fp32|bf16 (its bf16=True autocast); -mbN: N "
+                         "sequences per forward/backward (gradient accumulation); -compile: tether's model.compile")
     ap.add_argument("--rounds", type=int, default=2, help="--vs-trl: rounds over all configurations")
     ap.add_argument("--profile", action="store_true", help="profile one step of the first size/algo")
     ap.add_argument("--markdown", metavar="JSON", help="print the README table of a saved --out file and exit")
