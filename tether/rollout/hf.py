@@ -132,10 +132,7 @@ class PreallocatedLayer(DynamicLayer):
         # fresh buffer so later writes land in the tensors attention reads.
         if self.is_initialized:
             self.length = self.keys.shape[-2]
-            self.is_initialized = False
-            self._allocate(self.keys, self.values, max(self.capacity, self.length))
-            self._keys[:, :, :self.length] = self.keys
-            self._values[:, :, :self.length] = self.values
+            self._allocate(self.keys, self.values, max(self.capacity, self.length))  # copies the filled part
             self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
 
     def reset(self) -> None:
@@ -168,8 +165,6 @@ def preallocated_cache(model: nn.Module, capacity: int) -> Cache | None:
     try:
         cache = DynamicCache(config=config)
     except Exception:  # a config HF cannot map to cache layers: let generate build its own
-        return None
-    if not cache.layers:
         return None
     if not any(type(layer) is DynamicLayer for layer in cache.layers):
         return None  # e.g. Mistral's sliding-window layers

@@ -31,7 +31,8 @@ class MasterWeights:
         self.dtype = dtype
         self.pairs = [(p, p.detach().float().clone()) for p in model.parameters() if p.requires_grad]
         model.to(dtype)  # in place: the Parameter objects (and so `pairs`) stay the same
-        self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(master)) for p, master in self.pairs]
+        for param, master in self.pairs:
+            param.register_post_accumulate_grad_hook(self._make_hook(master))
 
     @staticmethod
     def _make_hook(master: torch.Tensor):
@@ -60,9 +61,7 @@ class MasterWeights:
         """
         self.model.to(torch.float32)
         try:
-            with torch.no_grad():
-                for param, master in self.pairs:
-                    param.copy_(master)
+            self.masters_to_model()
             yield self.model
             if load:
                 with torch.no_grad():
@@ -70,13 +69,3 @@ class MasterWeights:
                         master.copy_(param)
         finally:
             self.model.to(self.dtype)
-
-    def remove(self) -> nn.Module:
-        """Detach the hooks and return the model in float32 with the master weights (end of training)."""
-        for h in self._hooks:
-            h.remove()
-        self.model.to(torch.float32)
-        with torch.no_grad():
-            for param, master in self.pairs:
-                param.copy_(master)
-        return self.model
