@@ -345,10 +345,15 @@ def child_matmul(args) -> None:
 # parent: run children, account, print
 
 
-def run_child(cmd: list[str], threads: int | None, label: str, timeout: float = 3600) -> dict:
+# tether's `keep_freed_memory` (tether/train/host_memory.py) as glibc environment variables, for TRL's side
+KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+
+
+def run_child(cmd: list[str], threads: int | None, label: str, timeout: float = 3600,
+              env: dict | None = None) -> dict:
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=set_threads_env(threads), cwd=ROOT,
-                          timeout=timeout)
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**set_threads_env(threads), **(env or {})},
+                          cwd=ROOT, timeout=timeout)
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-3000:] + done.stderr[-6000:])
         raise RuntimeError(f"{label} failed with exit code {done.returncode}")
@@ -512,20 +517,28 @@ def vs_trl(args) -> dict:
         for c in order:
             side, prec, *rest = c.split("-")  # e.g. tether-bf16, trl-fp32, tether-bf16-mb8-compile
             mb = next((int(r[2:]) for r in rest if r.startswith("mb")), None)
+            env = None
             if side == "tether":
-                if prec not in PRECISIONS or any(r != "compile" and not r.startswith("mb") for r in rest):
-                    raise SystemExit(f"unknown tether configuration {c!r}: tether-PRECISION[-mbN][-compile], "
-                                     f"PRECISION one of {', '.join(PRECISIONS)}")
+                known = ("compile", "releasemem")
+                if prec not in PRECISIONS or any(r not in known and not r.startswith("mb") for r in rest):
+                    raise SystemExit(f"unknown tether configuration {c!r}: tether-PRECISION[-mbN][-compile]"
+                                     f"[-releasemem], PRECISION one of {', '.join(PRECISIONS)}")
                 # -mbN: N sequences per forward/backward; the no-grad reference pass keeps whole batches.
                 sets = [f"optim.micro_batch_size={mb}", "optim.no_grad_micro_batch_size=32"] if mb else []
                 if "compile" in rest:
                     sets.append("model.compile=true")
+                if "releasemem" in rest:  # glibc's default malloc behaviour instead of keep_freed_memory
+                    sets.append("keep_freed_memory=false")
                 cmd = tether_cmd(path, "grpo", args.steps, prec, args, extra_sets=sets)
             elif side == "trl":
+                if any(r != "keepmem" and not r.startswith("mb") for r in rest):
+                    raise SystemExit(f"unknown TRL configuration {c!r}: trl-PRECISION[-mbN][-keepmem]")
                 cmd = trl_cmd(path, args.steps, prec == "bf16", args, micro_batch=mb)
+                if "keepmem" in rest:  # TRL under the malloc settings tether applies to itself
+                    env = KEEP_FREED_MEMORY_ENV
             else:
                 raise SystemExit(f"unknown --vs-trl-configs entry {c!r}: side-precision[-mbN], side tether|trl")
-            res = run_child(cmd, args.threads, c)
+            res = run_child(cmd, args.threads, c, env=env)
             runs[c].append(res)
             st = [s["time/step"] for s in res["steps"][1:]]
             print(f"  round {rnd + 1} {c:<12} step s {' '.join(f'{x:.2f}' for x in st)}  (median {median(st):.2f})  "
@@ -724,9 +737,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write everything measured to this JSON file")
     ap.add_argument("--vs-trl", action="store_true", help="tether GRPO vs TRL GRPOTrainer, alternating runs")
     ap.add_argument("--vs-trl-configs", default="tether-bf16-mb8-compile,trl-bf16,tether-bf16-mb8,trl-fp32",
-                    help="comma list of side-precision[-mbN][-compile]: side tether|trl; tether precision "
-                         "fp32|bf16|autocast (see --precision), TRL's fp32|bf16 (its bf16=True autocast); -mbN: N "
-                         "sequences per forward/backward (gradient accumulation); -compile: tether's model.compile")
+                    help="comma list of side-precision[-mbN][-compile][-releasemem|-keepmem]: side tether|trl; "
+                         "tether precision fp32|bf16|autocast (see --precision), TRL's fp32|bf16 (its bf16=True "
+                         "autocast); -mbN: N sequences per forward/backward (gradient accumulation); -compile: "
+                         "tether's model.compile; -releasemem: tether with keep_freed_memory=false; -keepmem: TRL "
+                         "with the same malloc settings as tether's keep_freed_memory (environment variables)")
     ap.add_argument("--rounds", type=int, default=2, help="--vs-trl: rounds over all configurations")
     ap.add_argument("--profile", action="store_true", help="profile one step of the first size/algo")
     ap.add_argument("--markdown", metavar="JSON", help="print the README table of a saved --out file and exit")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tether.config import TrainConfig
+from tether.train.host_memory import keep_freed_memory
 from tether.train.run import RunResult, run_training, write_summary
 
 log = logging.getLogger("tether")
@@ -113,6 +114,8 @@ def run_pipeline(cfg: TrainConfig, *, echo=print) -> dict:
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     task_name = cfg.task.name or "arithmetic"
     cfg.task.name = task_name
     if cfg.model.path is None:

@@ -38,6 +38,7 @@ from tether.train.forward import (
     scatter_rows,
     split_micro_batches,
 )
+from tether.train.host_memory import keep_freed_memory
 from tether.train.precision import MasterWeights
 from tether.train.stats import StatAccumulator
 
@@ -70,6 +71,8 @@ class Trainer:
         self.dist = dist or Dist()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.keep_freed_memory:
+            keep_freed_memory()
         seed_everything(cfg.seed)
         self.device = M.resolve_device(cfg.device)
         self.run_dir = Path(run_dir) if run_dir else None
