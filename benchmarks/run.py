@@ -345,8 +345,11 @@ def child_matmul(args) -> None:
 # parent: run children, account, print
 
 
-# tether's `keep_freed_memory` (tether/train/host_memory.py) as glibc environment variables, for TRL's side
-KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+def keep_freed_memory_env() -> dict:
+    """tether's `keep_freed_memory` as glibc environment variables, for TRL's side."""
+    from tether.train.host_memory import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+    return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
 def run_child(cmd: list[str], threads: int | None, label: str, timeout: float = 3600,
@@ -535,7 +538,7 @@ def vs_trl(args) -> dict:
                     raise SystemExit(f"unknown TRL configuration {c!r}: trl-PRECISION[-mbN][-keepmem]")
                 cmd = trl_cmd(path, args.steps, prec == "bf16", args, micro_batch=mb)
                 if "keepmem" in rest:  # TRL under the malloc settings tether applies to itself
-                    env = KEEP_FREED_MEMORY_ENV
+                    env = keep_freed_memory_env()
             else:
                 raise SystemExit(f"unknown --vs-trl-configs entry {c!r}: side-precision[-mbN], side tether|trl")
             res = run_child(cmd, args.threads, c, env=env)

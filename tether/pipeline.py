@@ -14,10 +14,8 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from tether.config import TrainConfig
-from tether.train.host_memory import keep_freed_memory
+from tether.train.loop import configure_process
 from tether.train.run import RunResult, run_training, write_summary
 
 log = logging.getLogger("tether")
@@ -112,10 +110,7 @@ def run_pipeline(cfg: TrainConfig, *, echo=print) -> dict:
     from tether.tasks import get_task
 
     t_start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.keep_freed_memory:
-        keep_freed_memory()
+    configure_process(cfg)  # before the SFT stage, which runs ahead of the Trainer
     task_name = cfg.task.name or "arithmetic"
     cfg.task.name = task_name
     if cfg.model.path is None:

@@ -56,6 +56,14 @@ class StepResult:
     rollout: Rollout = field(repr=False)
 
 
+def configure_process(cfg: TrainConfig) -> None:
+    """Process-wide settings of a run: torch's CPU threads and the allocator's reuse of freed memory."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -69,10 +77,7 @@ class Trainer:
                  run_dir: str | Path | None = None, dist: Dist | None = None):
         self.cfg = cfg
         self.dist = dist or Dist()
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        if cfg.keep_freed_memory:
-            keep_freed_memory()
+        configure_process(cfg)
         seed_everything(cfg.seed)
         self.device = M.resolve_device(cfg.device)
         self.run_dir = Path(run_dir) if run_dir else None
