@@ -133,3 +133,49 @@ def test_sampler_copy_of_a_lora_policy_refreshes_the_adapters(tmp_path):
     copied = dict(backend.policy.named_parameters())
     for name, p in policy.named_parameters():
         assert torch.equal(copied[name], p.to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_compiled_sampling_matches_eager_and_leaves_the_model_eager(tmp_path, lora):
+    """rollout.compile: generate runs the compiled forward (dynamic shapes: a new prompt length or batch
+    compiles nothing new), samples what eager sampling does, and the model's own forward is back after."""
+    from tether.models import apply_lora
+    from tether.rollout.hf import forward_host
+
+    path = build_tiny_model(tmp_path / "m", hidden_size=32, num_layers=2)
+    tok = load_tokenizer(str(path))
+    policy = load_causal_lm(str(path))
+    if lora:
+        policy = apply_lora(policy, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # runs each captured graph as traced (no Inductor: fast)
+        graphs.append(gm)
+        return gm.forward
+
+    eager = HFGenerateBackend(policy, tok, max_new_tokens=6)
+    compiled = HFGenerateBackend(policy, tok, max_new_tokens=6, compile_backend=counting_backend)
+    batches = [(["1+1=", "12+34="], 3), (["123+456=", "7+8=", "9="], 2)]  # other prompt length and batch
+    seen = []
+    for prompts, group in batches:
+        rows = [{"prompt": p} for p in prompts]
+        torch.manual_seed(0)
+        want = eager.generate(rows, prompts, group_size=group)
+        torch.manual_seed(0)
+        got = compiled.generate(rows, prompts, group_size=group)
+        assert torch.equal(want.input_ids_BL, got.input_ids_BL)
+        assert torch.allclose(want.sampler_logprobs_BT, got.sampler_logprobs_BT, atol=1e-5)
+        assert "forward" not in vars(forward_host(policy))  # the class's eager forward again
+        seen.append(len(graphs))
+    assert seen[0] > 0 and seen[1] == seen[0]  # compiled on the first batch, reused on the second
+
+
+def test_compiled_forward_is_removed_when_generate_fails(tmp_path):
+    from tether.rollout.hf import CompiledForward
+
+    model = load_causal_lm(str(build_tiny_model(tmp_path / "m", hidden_size=32, num_layers=1)))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with CompiledForward("eager").installed(model):
+            assert "forward" in vars(model)
+            raise RuntimeError("interrupted")
+    assert "forward" not in vars(model)

@@ -255,12 +255,13 @@ def test_no_grad_micro_batch_size_changes_only_the_batching(llama, algo):
 
 @pytest.mark.slow
 def test_compiled_policy_gives_the_eager_update(llama):
-    """model.compile: the training and pi_old forwards run compiled (dynamic shapes); same numbers as eager."""
+    """model.compile: the training and pi_old forwards run compiled (dynamic shapes); rollout.compile: so does
+    sampling (Inductor here; tests/rollout covers the mechanics). Same samples and numbers as eager."""
     eager = make_trainer(llama, "ppo")
     me = [eager.step().metrics for _ in range(2)]  # each trainer seeds the global RNG: step before the next
-    compiled = make_trainer(llama, "ppo", **{"model.compile": "true"})
+    compiled = make_trainer(llama, "ppo", **{"model.compile": "true", "rollout.compile": "true"})
     mc = [compiled.step().metrics for _ in range(2)]  # completion widths differ between steps: no recompile
-    assert compiled.compiled_policy is not None
+    assert compiled.compiled_policy is not None and compiled.backend.compiled_forward is not None
     for a, b in zip(me, mc):
         assert a["reward/mean"] == b["reward/mean"]
         assert a["loss/policy"] == pytest.approx(b["loss/policy"], abs=1e-5)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import copy
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import nn
 from transformers import (
     GenerationConfig,
@@ -192,16 +196,54 @@ def copy_trainable_weights(source: nn.Module, target: nn.Module) -> None:
             dst.copy_(src)
 
 
+def forward_host(model: nn.Module) -> nn.Module:
+    """The module whose `forward` generate's decoding loop calls: the model itself, or under a peft wrapper
+    the transformers model inside it (the adapters' layers are part of its forward)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class CompiledForward:
+    """`torch.compile` of a model class's forward, installed on one module only while it samples.
+
+    generate's per-token Python (cache bookkeeping, masks, rotary, the layers' small element-wise ops) is
+    most of a decode step at batch 32 on CPU; compiled, it is fused around the matmuls (47M model, bf16:
+    about a fifth off sampling, measured). dynamic=True: the growing KV length and each step's prompt length
+    are symbolic, so the graphs (prefill, one decode step) compile once. The forward is swapped in only for
+    the duration of `generate`, so training forwards, the reference and checkpoints never see it.
+    """
+
+    def __init__(self, backend: str | Callable = "inductor") -> None:
+        self.backend = backend
+        self._compiled: dict[type, Callable] = {}
+
+    @contextmanager
+    def installed(self, model: nn.Module) -> Iterator[None]:
+        host = forward_host(model)
+        cls = type(host)
+        if cls not in self._compiled:
+            self._compiled[cls] = torch.compile(cls.forward, dynamic=True, backend=self.backend)
+        host.forward = types.MethodType(self._compiled[cls], host)
+        try:
+            # Without duck shapes, sizes that happen to be equal when a graph is traced (prompt length and
+            # batch size, say) are not assumed equal forever, which would recompile when they next differ.
+            with fx_config.patch(use_duck_shape=False):
+                yield
+        finally:
+            del host.forward  # back to the class's eager forward
+
+
 class HFGenerateBackend:
     """Sample with `model.generate`, keeping the log-probs the sampler used for each token."""
 
     def __init__(self, policy: nn.Module, tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_strings=(),
                  micro_batch_size: int = 64, chat_template: bool = False, autocast_dtype=None,
-                 weights_dtype: torch.dtype | None = None):
+                 weights_dtype: torch.dtype | None = None, compile_backend: str | Callable | None = None):
         """`weights_dtype`: sample from a copy of the policy in this dtype (e.g. bfloat16: no autocast casts,
         half the weight bandwidth), refreshed from the policy by `sync_weights` after every optimiser step.
-        None samples from the policy itself (under `autocast_dtype`, if given)."""
+        None samples from the policy itself (under `autocast_dtype`, if given). `compile_backend`: run the
+        model's forward compiled by this torch.compile backend while sampling (see `CompiledForward`)."""
         self.source = policy
         self.policy = policy
         if weights_dtype is not None and weights_dtype != next(policy.parameters()).dtype:
@@ -213,6 +255,7 @@ class HFGenerateBackend:
         self.micro_batch_size = micro_batch_size
         self.chat_template = chat_template
         self.autocast_dtype = autocast_dtype
+        self.compiled_forward = CompiledForward(compile_backend) if compile_backend is not None else None
         self.eos = eos_ids(tokenizer, policy)
         # An explicit config with only our settings: a hub model's own generation_config may carry
         # repetition penalties or top_k=50 defaults that would make the sampler's distribution differ
@@ -254,10 +297,14 @@ class HFGenerateBackend:
         self.policy.eval()
         autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else torch.autocast(device.type, enabled=False))
+        # Compiled, the cache stays HF's DynamicCache: Inductor cannot lower the preallocated buffer's
+        # in-place writes through a view whose length is symbolic.
+        forward = self.compiled_forward.installed(self.policy) if self.compiled_forward else nullcontext()
         try:
-            with autocast:
+            with autocast, forward:
                 recorder = SampledLogprobs()
-                cache = preallocated_cache(self.policy, P + self.max_new_tokens)
+                cache = (preallocated_cache(self.policy, P + self.max_new_tokens) if self.compiled_forward is None
+                         else None)
                 extra = {"past_key_values": cache} if cache is not None else {}
                 sequences = self.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **extra,
                                                  generation_config=self.gen_config,

@@ -250,7 +250,8 @@ class Trainer:
                                  temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                  stop_strings=r.stop_strings, micro_batch_size=r.micro_batch_size,
                                  chat_template=m.chat_template, autocast_dtype=self.autocast_dtype,
-                                 weights_dtype=self._sampler_weights_dtype())
+                                 weights_dtype=self._sampler_weights_dtype(),
+                                 compile_backend="inductor" if r.compile else None)
 
     def _sampler_weights_dtype(self) -> torch.dtype | None:
         """The dtype of the HF sampler's own copy of the policy; None: sample from the policy itself."""
