@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tether.core.logprobs import logprobs_and_entropy
 from tether.rollout.batch import Rollout
@@ -24,10 +25,17 @@ class MicroBatch:
     prompt_len: int            # p
     completion_ids: torch.Tensor  # [b, t]
     response_mask: torch.Tensor   # [b, t] float
+    # Rows with the same prompt (a GRPO group): one row per distinct prompt, and each row's distinct prompt.
+    prompt_rows: torch.Tensor     # [u] rows of this micro-batch, u <= b
+    prompt_of_row: torch.Tensor   # [b] index into prompt_rows
 
     @property
     def width(self) -> int:
         return self.completion_ids.shape[1]
+
+    @property
+    def shares_prompts(self) -> bool:
+        return len(self.prompt_rows) < len(self.index)
 
 
 def make_micro_batch(rollout: Rollout, index: torch.Tensor) -> MicroBatch:
@@ -41,9 +49,16 @@ def make_micro_batch(rollout: Rollout, index: torch.Tensor) -> MicroBatch:
     start = P - p_real
     ids = ids[:, start:P + t]
     am = am[:, start:P + t]
+    # Equal prompt tokens and padding mean an equal prompt forward (positions come from the mask).
+    distinct, prompt_of_row = torch.unique(torch.cat([ids[:, :p_real], am[:, :p_real]], 1), dim=0,
+                                           return_inverse=True)
+    rows = torch.arange(len(ids), device=ids.device)
+    prompt_rows = torch.full((len(distinct),), len(ids), device=ids.device).scatter_reduce_(
+        0, prompt_of_row, rows, reduce="amin")  # the first row of each distinct prompt
     return MicroBatch(
         index=index, input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0),
         prompt_len=p_real, completion_ids=ids[:, p_real:], response_mask=rmask[:, :t],
+        prompt_rows=prompt_rows, prompt_of_row=prompt_of_row,
     )
 
 
@@ -99,33 +114,67 @@ def _math_attention(model: nn.Module, autocast_dtype: torch.dtype | None) -> boo
 
 
 def policy_logprobs(model: nn.Module, mb: MicroBatch, *, temperature: float, with_entropy: bool,
-                    autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    autocast_dtype: torch.dtype | None = None, share_prompts: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(o_t | q, o_<t) / temperature-scaled, for the completion tokens of a micro-batch.
 
     `logits_to_keep` asks the model for logits at the last t+1 positions only: position P-1+t predicts
-    completion token t, and the final position predicts nothing, so it is dropped.
+    completion token t, and the final position predicts nothing, so it is dropped. `share_prompts`: see
+    `completion_forward`.
     """
     lp, ent, _ = policy_logprobs_and_values(model, None, mb, temperature=temperature, with_entropy=with_entropy,
-                                            autocast_dtype=autocast_dtype)
+                                            autocast_dtype=autocast_dtype, share_prompts=share_prompts)
     return lp, ent
 
 
+# transformers renamed the cache argument and output field (past_key_values -> cache) within 5.x.
+_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def completion_forward(model: nn.Module, mb: MicroBatch, *, with_hidden: bool, share_prompts: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits [b, t+1, V] at positions p-1 .. p-1+t (the last prompt position onwards), and the last layer's
+    hidden states there if `with_hidden`.
+
+    `share_prompts`, when rows share a prompt (the G completions of a GRPO group): the prompt is run once
+    per distinct prompt, its KV cache is gathered out to every row, and the completions run on it. The
+    same numbers up to float order (attention reads the same keys and values), and the same gradients (the
+    gather's backward sums each row's gradient into its prompt's), for G x fewer prompt positions.
+    """
+    p, t = mb.prompt_len, mb.width
+    if not (share_prompts and mb.shares_prompts):
+        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                    logits_to_keep=t + 1, use_cache=False, output_hidden_states=with_hidden)
+        return out.logits, (out.hidden_states[-1][:, p - 1:] if with_hidden else None)
+    u, row_prompt = mb.prompt_rows, mb.prompt_of_row
+    prompt = model(input_ids=mb.input_ids[u, :p], attention_mask=mb.attention_mask[u, :p],
+                   position_ids=mb.position_ids[u, :p], logits_to_keep=1, use_cache=True,
+                   output_hidden_states=with_hidden)
+    cache = getattr(prompt, _CACHE)
+    cache.batch_select_indices(row_prompt)  # [u, ...] -> [b, ...]: rows of one prompt read the same KV
+    out = model(input_ids=mb.completion_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids[:, p:],
+                logits_to_keep=t, use_cache=False, output_hidden_states=with_hidden, **{_CACHE: cache})
+    logits = torch.cat([prompt.logits[row_prompt], out.logits], 1)
+    hidden = (torch.cat([prompt.hidden_states[-1][row_prompt, -1:], out.hidden_states[-1]], 1) if with_hidden
+              else None)
+    return logits, hidden
+
+
 def policy_logprobs_and_values(model: nn.Module, value_head: nn.Module | None, mb: MicroBatch, *,
-                               temperature: float, with_entropy: bool, autocast_dtype: torch.dtype | None = None
+                               temperature: float, with_entropy: bool, autocast_dtype: torch.dtype | None = None,
+                               share_prompts: bool = False
                                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """`policy_logprobs`, plus V(s_t) from a value head on the same forward's last hidden states (a critic
     that shares the policy's trunk) when `value_head` is given."""
     device = mb.input_ids.device
     with autocast_context(model, device, autocast_dtype):
-        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                    logits_to_keep=mb.width + 1, use_cache=False, output_hidden_states=value_head is not None)
+        logits, hidden = completion_forward(model, mb, with_hidden=value_head is not None,
+                                            share_prompts=share_prompts)
         values = None
         if value_head is not None:
-            p, t = mb.prompt_len, mb.width
-            values = value_head(out.hidden_states[-1][:, p - 1:p - 1 + t]).float() * mb.response_mask
-    logits = out.logits[:, :-1]
-    lp, ent = logprobs_and_entropy(logits, mb.completion_ids, temperature=temperature, mask_BT=mb.response_mask,
-                                   with_entropy=with_entropy)
+            values = value_head(hidden[:, :mb.width]).float() * mb.response_mask
+    lp, ent = logprobs_and_entropy(logits[:, :-1], mb.completion_ids, temperature=temperature,
+                                   mask_BT=mb.response_mask, with_entropy=with_entropy)
     return lp, ent, values
 
 

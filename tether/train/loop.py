@@ -120,6 +120,8 @@ class Trainer:
             if m.gradient_checkpointing:
                 self.critic.gradient_checkpointing_enable()
         self.policy.train()
+        # HF turns the KV cache off in a checkpointed model's training forwards; prompt sharing needs it.
+        self.share_prompts = cfg.optim.share_prompts and not m.gradient_checkpointing
         self.masters: dict[str, MasterWeights] = {}
         if m.master_weights:
             if self.dist.enabled:
@@ -385,7 +387,8 @@ class Trainer:
             for mb in micro:
                 lp, _, values = policy_logprobs_and_values(
                     self.policy if self.compiled_policy is None else self.compiled_policy, self.critic if self.shared_critic else None, mb,
-                    temperature=r.temperature, with_entropy=False, autocast_dtype=self.autocast_dtype)
+                    temperature=r.temperature, with_entropy=False, autocast_dtype=self.autocast_dtype,
+                    share_prompts=self.share_prompts)
                 scatter_rows(rollout.old_logprobs_BT, mb, lp)
                 if values is not None:
                     scatter_rows(rollout.old_values_BT, mb, values)
@@ -396,7 +399,7 @@ class Trainer:
             with self.reference.active() as ref_model:
                 for mb in frozen_micro:
                     lp, _ = policy_logprobs(ref_model, mb, temperature=r.temperature, with_entropy=False,
-                                            autocast_dtype=self.autocast_dtype)
+                                            autocast_dtype=self.autocast_dtype, share_prompts=self.share_prompts)
                     scatter_rows(rollout.ref_logprobs_BT, mb, lp)
         if self.critic is not None and not self.shared_critic:
             rollout.old_values_BT = torch.zeros(B, T, device=self.device)
@@ -497,7 +500,8 @@ class Trainer:
                 for mb in self._micro_batches(rollout, mb_rows):
                     lp, ent, shared_values = policy_logprobs_and_values(
                         self.policy_module, self.critic_module if self.shared_critic else None, mb,
-                        temperature=r.temperature, with_entropy=need_entropy, autocast_dtype=self.autocast_dtype)
+                        temperature=r.temperature, with_entropy=need_entropy, autocast_dtype=self.autocast_dtype,
+                        share_prompts=self.share_prompts)
                     mask = mb.response_mask
                     old = (gather_rows(rollout.old_logprobs_BT, mb) if rollout.old_logprobs_BT is not None
                            else lp.detach())
