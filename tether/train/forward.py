@@ -142,15 +142,17 @@ def completion_forward(model: nn.Module, mb: MicroBatch, *, with_hidden: bool, s
     gather's backward sums each row's gradient into its prompt's), for G x fewer prompt positions.
     """
     p, t = mb.prompt_len, mb.width
-    if not (share_prompts and mb.shares_prompts):
+    u, prompt, cache = mb.prompt_rows, None, None
+    if share_prompts and mb.shares_prompts:
+        prompt = model(input_ids=mb.input_ids[u, :p], attention_mask=mb.attention_mask[u, :p],
+                       position_ids=mb.position_ids[u, :p], logits_to_keep=1, use_cache=True,
+                       output_hidden_states=with_hidden)
+        cache = getattr(prompt, _CACHE, None)  # None: a model that keeps no KV cache here
+    if cache is None:
         out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
                     logits_to_keep=t + 1, use_cache=False, output_hidden_states=with_hidden)
         return out.logits, (out.hidden_states[-1][:, p - 1:] if with_hidden else None)
-    u, row_prompt = mb.prompt_rows, mb.prompt_of_row
-    prompt = model(input_ids=mb.input_ids[u, :p], attention_mask=mb.attention_mask[u, :p],
-                   position_ids=mb.position_ids[u, :p], logits_to_keep=1, use_cache=True,
-                   output_hidden_states=with_hidden)
-    cache = getattr(prompt, _CACHE)
+    row_prompt = mb.prompt_of_row
     cache.batch_select_indices(row_prompt)  # [u, ...] -> [b, ...]: rows of one prompt read the same KV
     out = model(input_ids=mb.completion_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids[:, p:],
                 logits_to_keep=t, use_cache=False, output_hidden_states=with_hidden, **{_CACHE: cache})
