@@ -22,14 +22,16 @@ def test_sft_reward_model_ppo_from_the_cli(tmp_path, capsys):
     target = 0.05
     assert main(["train", f"model.path={sft}", "data.source=task:arithmetic", "reward.task_reward=false",
                  f"reward.reward_model={rm}", "algorithm.name=ppo", "algorithm.beta=0.1",
-                 f"algorithm.kl_target={target}", "algorithm.kl_horizon=200", "rollout.max_new_tokens=6",
+                 f"algorithm.kl_target={target}", "algorithm.kl_horizon=50", "rollout.max_new_tokens=6",
                  "rollout.prompts_per_step=16", "rollout.group_size=2", "optim.lr=1.5e-4", "optim.critic_lr=1e-3",
                  "steps=40", f"logging.run_dir={run}", "logging.progress=false", "logging.report=false"]) == 0
     ms = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first = sum(m["reward/reward_model/mean"] for m in ms[:5]) / 5
     last = sum(m["reward/reward_model/mean"] for m in ms[-10:]) / 10
-    # Measured over runs: the reward model's score rises by 0.28-0.54 (from ~2.1-2.3 to ~2.55-2.7), and the KL
-    # per token over the last 20 steps sits at 0.09-0.13 (target 0.05) while the controller raises beta.
+    # The controller's horizon (50) is short enough to pull the KL back within 40 steps. With horizon 200 the
+    # run depended on the CPU: KL per token over the last 20 steps 0.09-0.13 on one machine, 0.45 on another
+    # (where the reward model's score rose 1.59 -> 2.28). With 50 on the latter: score 1.59 -> 2.03, KL 0.076
+    # (0.059 at horizon 25).
     assert last > first + 0.15, (first, last)
     kl = sum(m["kl/ref_per_token"] for m in ms[-20:]) / 20
     assert kl < 3 * target, kl

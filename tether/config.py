@@ -173,10 +173,10 @@ class OptimConfig:
                                                    "exceed micro_batch_size); default: micro_batch_size. The "
                                                    "pi_old pass always follows the training micro-batches.",
                                              ge=1)
-    share_prompts: bool = F(True, "Rows of a micro-batch that share a prompt (a group's completions) run the "
-                                  "prompt once and read its KV cache: the same log-probs and gradients up to "
-                                  "float order, for G x fewer prompt positions in every policy and reference "
-                                  "pass. Not with gradient checkpointing (ignored there).")
+    share_prompts: bool = F(True, "Rows that share a prompt (a group's completions) run the prompt once and "
+                                  "read its KV cache, in sampling's prefill and in every policy and reference "
+                                  "pass: the same log-probs and gradients up to float order, for G x fewer "
+                                  "prompt positions. The passes do not share under gradient checkpointing.")
     max_bad_steps: int = F(3, "Consecutive non-finite steps tolerated before the run stops.", ge=1)
 
 

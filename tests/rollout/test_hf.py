@@ -179,3 +179,30 @@ def test_compiled_forward_is_removed_when_generate_fails(tmp_path):
             assert "forward" in vars(model)
             raise RuntimeError("interrupted")
     assert "forward" not in vars(model)
+
+
+@pytest.mark.parametrize("arch,compiled", [("llama", False), ("gpt2", False), ("mistral", False), ("llama", True)])
+def test_shared_prompt_prefill_samples_what_per_row_prefill_does(tmp_path, arch, compiled):
+    """optim.share_prompts: each distinct prompt is prefilled once (all but its last token), its KV gathered
+    out to the group's rows; generate continues from there and samples the same tokens."""
+    path = build_tiny_model(tmp_path / arch, arch=arch, hidden_size=32, num_layers=2)
+    tok = load_tokenizer(str(path))
+    policy = load_causal_lm(str(path))
+    prompts = ["1+1=", "12+34=", "9="]  # left padding inside the block
+    rows = [{"prompt": p} for p in prompts]
+    widths = []
+    policy.register_forward_pre_hook(lambda m, args, kw: widths.append(tuple(kw["input_ids"].shape)),
+                                     with_kwargs=True)
+    extra = {"compile_backend": "eager"} if compiled else {}
+    results = []
+    for share in (False, True):
+        widths.clear()
+        backend = HFGenerateBackend(policy, tok, max_new_tokens=6, share_prompts=share, **extra)
+        torch.manual_seed(0)
+        results.append(backend.generate(rows, prompts, group_size=4))
+        P = results[-1].prompt_len
+        first_call = widths[0]
+        assert first_call == ((3, P - 1) if share else (12, P)), first_call  # 3 prompts prefilled, not 12 rows
+    per_row, shared = results
+    assert torch.equal(per_row.input_ids_BL, shared.input_ids_BL)
+    assert torch.allclose(per_row.sampler_logprobs_BT, shared.sampler_logprobs_BT, atol=1e-5)

@@ -25,23 +25,26 @@ def test_micro_batch_finds_rows_that_share_a_prompt(tmp_path):
     rollout = sampled_rollout(path, load_causal_lm(str(path)))
     mb = make_micro_batch(rollout, torch.tensor([0, 4, 1, 3, 8]))  # groups 0, 1, 0, 1, 2
     groups = [0, 1, 0, 1, 2]
-    assert mb.shares_prompts and len(mb.prompt_rows) == 3
+    assert len(mb.prompt_rows) == 3
     assert sorted(groups[r] for r in mb.prompt_rows.tolist()) == [0, 1, 2]  # one row of each prompt
     for row, prompt in enumerate(mb.prompt_of_row.tolist()):  # each row points at a row of its own group
         assert groups[mb.prompt_rows[prompt]] == groups[row]
-    assert not make_micro_batch(rollout, torch.tensor([0, 3, 6])).shares_prompts
+    assert len(make_micro_batch(rollout, torch.tensor([0, 3, 6])).prompt_rows) == 3
 
 
-@pytest.mark.parametrize("arch,lora", [("llama", False), ("gpt2", False), ("mistral", False), ("llama", True)])
-def test_shared_prompt_forward_gives_the_per_row_numbers_and_gradients(tmp_path, arch, lora):
+@pytest.mark.parametrize("arch,lora,rows", [("llama", False, "all"), ("gpt2", False, "all"),
+                                            ("mistral", False, "all"), ("llama", True, "all"),
+                                            ("llama", False, "distinct")])
+def test_shared_prompt_forward_gives_the_per_row_numbers_and_gradients(tmp_path, arch, lora, rows):
+    """Also with no prompt repeated ("distinct"): the two-pass forward still gives the per-row numbers."""
     path = build_tiny_model(tmp_path / arch, arch=arch, hidden_size=32, num_layers=2)
     policy = load_causal_lm(str(path))
     if lora:
         policy = apply_lora(policy, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     head = SharedValueHead(32)
     rollout = sampled_rollout(path, policy)
-    mb = make_micro_batch(rollout, torch.arange(len(rollout)))
-    assert mb.shares_prompts and len(mb.prompt_rows) == 3
+    mb = make_micro_batch(rollout, torch.arange(len(rollout)) if rows == "all" else torch.tensor([0, 3, 6]))
+    assert len(mb.prompt_rows) == 3
 
     def run(share):
         policy.zero_grad(set_to_none=True)

@@ -22,6 +22,7 @@ from transformers import (
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from tether.rollout.batch import Rollout
+from tether.rollout.shared_prompts import CACHE_KWARG, prefill_shared_prompts
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, chat_template: bool,
@@ -239,11 +240,13 @@ class HFGenerateBackend:
     def __init__(self, policy: nn.Module, tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_strings=(),
                  micro_batch_size: int = 64, chat_template: bool = False, autocast_dtype=None,
-                 weights_dtype: torch.dtype | None = None, compile_backend: str | Callable | None = None):
+                 weights_dtype: torch.dtype | None = None, compile_backend: str | Callable | None = None,
+                 share_prompts: bool = False):
         """`weights_dtype`: sample from a copy of the policy in this dtype (e.g. bfloat16: no autocast casts,
         half the weight bandwidth), refreshed from the policy by `sync_weights` after every optimiser step.
         None samples from the policy itself (under `autocast_dtype`, if given). `compile_backend`: run the
-        model's forward compiled by this torch.compile backend while sampling (see `CompiledForward`)."""
+        model's forward compiled by this torch.compile backend while sampling (see `CompiledForward`).
+        `share_prompts`: rows with the same prompt prefill it once (`prefill_shared_prompts`)."""
         self.source = policy
         self.policy = policy
         if weights_dtype is not None and weights_dtype != next(policy.parameters()).dtype:
@@ -256,6 +259,7 @@ class HFGenerateBackend:
         self.chat_template = chat_template
         self.autocast_dtype = autocast_dtype
         self.compiled_forward = CompiledForward(compile_backend) if compile_backend is not None else None
+        self.share_prompts = share_prompts
         self.eos = eos_ids(tokenizer, policy)
         # An explicit config with only our settings: a hub model's own generation_config may carry
         # repetition penalties or top_k=50 defaults that would make the sampler's distribution differ
@@ -305,7 +309,9 @@ class HFGenerateBackend:
                 recorder = SampledLogprobs()
                 cache = (preallocated_cache(self.policy, P + self.max_new_tokens) if self.compiled_forward is None
                          else None)
-                extra = {"past_key_values": cache} if cache is not None else {}
+                if self.share_prompts:
+                    cache = prefill_shared_prompts(self.policy, prompt_ids, prompt_mask, cache)
+                extra = {CACHE_KWARG: cache} if cache is not None else {}
                 sequences = self.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **extra,
                                                  generation_config=self.gen_config,
                                                  logits_processor=LogitsProcessorList(self.warpers + [recorder]),

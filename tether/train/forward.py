@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tether.core.logprobs import logprobs_and_entropy
 from tether.rollout.batch import Rollout
+from tether.rollout.shared_prompts import CACHE_KWARG, distinct_prompts
 
 
 @dataclass
@@ -33,10 +33,6 @@ class MicroBatch:
     def width(self) -> int:
         return self.completion_ids.shape[1]
 
-    @property
-    def shares_prompts(self) -> bool:
-        return len(self.prompt_rows) < len(self.index)
-
 
 def make_micro_batch(rollout: Rollout, index: torch.Tensor) -> MicroBatch:
     P = rollout.prompt_len
@@ -49,12 +45,7 @@ def make_micro_batch(rollout: Rollout, index: torch.Tensor) -> MicroBatch:
     start = P - p_real
     ids = ids[:, start:P + t]
     am = am[:, start:P + t]
-    # Equal prompt tokens and padding mean an equal prompt forward (positions come from the mask).
-    distinct, prompt_of_row = torch.unique(torch.cat([ids[:, :p_real], am[:, :p_real]], 1), dim=0,
-                                           return_inverse=True)
-    rows = torch.arange(len(ids), device=ids.device)
-    prompt_rows = torch.full((len(distinct),), len(ids), device=ids.device).scatter_reduce_(
-        0, prompt_of_row, rows, reduce="amin")  # the first row of each distinct prompt
+    prompt_rows, prompt_of_row = distinct_prompts(ids[:, :p_real], am[:, :p_real])
     return MicroBatch(
         index=index, input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0),
         prompt_len=p_real, completion_ids=ids[:, p_real:], response_mask=rmask[:, :t],
@@ -127,27 +118,23 @@ def policy_logprobs(model: nn.Module, mb: MicroBatch, *, temperature: float, wit
     return lp, ent
 
 
-# transformers renamed the cache argument and output field (past_key_values -> cache) within 5.x.
-_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
 def completion_forward(model: nn.Module, mb: MicroBatch, *, with_hidden: bool, share_prompts: bool
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits [b, t+1, V] at positions p-1 .. p-1+t (the last prompt position onwards), and the last layer's
     hidden states there if `with_hidden`.
 
-    `share_prompts`, when rows share a prompt (the G completions of a GRPO group): the prompt is run once
-    per distinct prompt, its KV cache is gathered out to every row, and the completions run on it. The
+    `share_prompts` (for rows that share a prompt, the G completions of a GRPO group): the prompt is run
+    once per distinct prompt, its KV cache is gathered out to every row, and the completions run on it. The
     same numbers up to float order (attention reads the same keys and values), and the same gradients (the
     gather's backward sums each row's gradient into its prompt's), for G x fewer prompt positions.
     """
     p, t = mb.prompt_len, mb.width
     u, prompt, cache = mb.prompt_rows, None, None
-    if share_prompts and mb.shares_prompts:
+    if share_prompts:  # even when no two rows here share one: every rank then runs as many forwards
         prompt = model(input_ids=mb.input_ids[u, :p], attention_mask=mb.attention_mask[u, :p],
                        position_ids=mb.position_ids[u, :p], logits_to_keep=1, use_cache=True,
                        output_hidden_states=with_hidden)
-        cache = getattr(prompt, _CACHE, None)  # None: a model that keeps no KV cache here
+        cache = getattr(prompt, CACHE_KWARG, None)  # None: a model that keeps no KV cache here
     if cache is None:
         out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
                     logits_to_keep=t + 1, use_cache=False, output_hidden_states=with_hidden)
@@ -155,7 +142,7 @@ def completion_forward(model: nn.Module, mb: MicroBatch, *, with_hidden: bool, s
     row_prompt = mb.prompt_of_row
     cache.batch_select_indices(row_prompt)  # [u, ...] -> [b, ...]: rows of one prompt read the same KV
     out = model(input_ids=mb.completion_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids[:, p:],
-                logits_to_keep=t, use_cache=False, output_hidden_states=with_hidden, **{_CACHE: cache})
+                logits_to_keep=t, use_cache=False, output_hidden_states=with_hidden, **{CACHE_KWARG: cache})
     logits = torch.cat([prompt.logits[row_prompt], out.logits], 1)
     hidden = (torch.cat([prompt.hidden_states[-1][row_prompt, -1:], out.hidden_states[-1]], 1) if with_hidden
               else None)

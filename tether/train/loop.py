@@ -121,7 +121,8 @@ class Trainer:
                 self.critic.gradient_checkpointing_enable()
         self.policy.train()
         # HF turns the KV cache off in a checkpointed model's training forwards; prompt sharing needs it.
-        self.share_prompts = cfg.optim.share_prompts and not m.gradient_checkpointing
+        self.share_prompts = (cfg.optim.share_prompts and not m.gradient_checkpointing
+                              and cfg.rollout.group_size > 1)
         self.masters: dict[str, MasterWeights] = {}
         if m.master_weights:
             if self.dist.enabled:
@@ -253,7 +254,11 @@ class Trainer:
                                  stop_strings=r.stop_strings, micro_batch_size=r.micro_batch_size,
                                  chat_template=m.chat_template, autocast_dtype=self.autocast_dtype,
                                  weights_dtype=self._sampler_weights_dtype(),
-                                 compile_backend="inductor" if r.compile else None)
+                                 compile_backend="inductor" if r.compile else None,
+                                 # Under FSDP the prefill would gather the shards on its own, and only on
+                                 # ranks whose prompts repeat: generate's gather must stay the only one.
+                                 share_prompts=self.cfg.optim.share_prompts and not (
+                                     self.dist.enabled and self.cfg.distributed.strategy == "fsdp"))
 
     def _sampler_weights_dtype(self) -> torch.dtype | None:
         """The dtype of the HF sampler's own copy of the policy; None: sample from the policy itself."""
