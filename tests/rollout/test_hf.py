@@ -6,6 +6,7 @@ import torch
 
 from tether.models import load_causal_lm, load_tokenizer
 from tether.rollout.hf import HFGenerateBackend, PreallocatedLayer, completion_mask, preallocated_cache
+from tether.rollout.shared_prompts import CACHE_KWARG
 from tether.tasks.tiny_model import build_tiny_model
 
 
@@ -70,7 +71,7 @@ def test_preallocated_kv_cache_samples_exactly_what_the_dynamic_cache_does(tmp_p
 
     def sample(cache):
         torch.manual_seed(0)
-        extra = {"past_key_values": cache} if cache is not None else {}
+        extra = {CACHE_KWARG: cache} if cache is not None else {}
         return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
                               max_new_tokens=T, pad_token_id=tok.pad_token_id, **extra)
 
