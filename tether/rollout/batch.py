@@ -12,6 +12,12 @@ from dataclasses import dataclass, field, fields
 import torch
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that make left padding exact: the first real token is position 0 in every row (as
+    `generate` numbers them)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @dataclass
 class Rollout:
     input_ids_BL: torch.Tensor           # prompt + completion token ids
@@ -37,11 +43,6 @@ class Rollout:
     @property
     def completion_ids_BT(self) -> torch.Tensor:
         return self.input_ids_BL[:, self.prompt_len:]
-
-    @property
-    def position_ids_BL(self) -> torch.Tensor:
-        # Explicit positions make left padding exact: the first real token is position 0 in every row.
-        return (self.attention_mask_BL.cumsum(-1) - 1).clamp(min=0)
 
     @property
     def completion_lengths_B(self) -> torch.Tensor:

@@ -10,6 +10,8 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from tether.rollout.batch import position_ids
+
 # transformers renamed the cache argument and output field (past_key_values -> cache) within 5.x.
 CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -40,7 +42,7 @@ def prefill_shared_prompts(model: nn.Module, ids_BP: torch.Tensor, mask_BP: torc
         return cache
     if cache is None:
         cache = DynamicCache(config=model.config)
-    positions = (mask_BP.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded prompts
+    positions = position_ids(mask_BP)
     model(input_ids=ids_BP[first, :-1], attention_mask=mask_BP[first, :-1], position_ids=positions[first, :-1],
           logits_to_keep=1, use_cache=True, **{CACHE_KWARG: cache})
     cache.batch_select_indices(prompt_of_row)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tether.core.logprobs import logprobs_and_entropy
-from tether.rollout.batch import Rollout
+from tether.rollout.batch import Rollout, position_ids
 from tether.rollout.shared_prompts import CACHE_KWARG, distinct_prompts
 
 
@@ -47,7 +47,7 @@ def make_micro_batch(rollout: Rollout, index: torch.Tensor) -> MicroBatch:
     am = am[:, start:P + t]
     prompt_rows, prompt_of_row = distinct_prompts(ids[:, :p_real], am[:, :p_real])
     return MicroBatch(
-        index=index, input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0),
+        index=index, input_ids=ids, attention_mask=am, position_ids=position_ids(am),
         prompt_len=p_real, completion_ids=ids[:, p_real:], response_mask=rmask[:, :t],
         prompt_rows=prompt_rows, prompt_of_row=prompt_of_row,
     )
