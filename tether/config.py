@@ -101,10 +101,11 @@ class RolloutConfig:
     compile: bool = F(False, "HF backend: torch.compile the model's forward while it samples (dynamic shapes; "
                              "the per-token element-wise work fused). Costs a first compile of about half a "
                              "minute; for long runs.")
-    decode_attention: str = F("matmul", "HF backend, CPU: attention of each one-token decode step of a model on "
-                                        "SDPA. 'matmul': q.k and p.v as small float32 matmuls (SDPA's CPU "
-                                        "flash kernel is several times slower at one query token); 'model': "
-                                        "the model's own attention throughout.", choices=("matmul", "model"))
+    decode_attention: str = F("auto", "HF backend, CPU: attention of each one-token decode step of a model on "
+                                      "SDPA. 'matmul': q.k and p.v as small matmuls, float32 softmax (a third "
+                                      "off sampling where SDPA's CPU flash kernel is slow at one query token); "
+                                      "'model': the model's own attention; auto: matmul unless the CPU has "
+                                      "AMX.", choices=("auto", "matmul", "model"))
     logprob_tolerance: float = F(1e-3, "Max |sampler - trainer| log-prob gap tolerated before a warning.",
                                  gt=0)
     vllm_gpu_memory_utilization: float = F(0.3, "vLLM backend: share of GPU memory for its KV cache.",

@@ -9,7 +9,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tether.models import load_causal_lm, load_tokenizer
 from tether.rollout import decode_attention
-from tether.rollout.decode_attention import NAME, installed, matmul_decode_attention
+from tether.rollout.decode_attention import NAME, installed, matmul_decode_attention, use_matmul_decode
 from tether.rollout.hf import HFGenerateBackend
 from tether.tasks.tiny_model import build_tiny_model
 
@@ -119,3 +119,10 @@ def test_unknown_decode_attention_is_refused(tmp_path):
     with pytest.raises(ValueError, match="decode_attention"):
         HFGenerateBackend(load_causal_lm(str(path)), load_tokenizer(str(path)), max_new_tokens=2,
                           decode_attention="flash")
+
+
+def test_auto_uses_matmuls_unless_the_cpu_has_amx(monkeypatch):
+    for amx in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert use_matmul_decode("auto") is (not amx)
+        assert use_matmul_decode("matmul") and not use_matmul_decode("model")

@@ -1,11 +1,12 @@
 """Attention for one-token decode steps on CPU: two small matmuls instead of SDPA's flash kernel.
 
-During sampling every decode step attends one new query token per row to the KV cache. PyTorch's CPU
-flash-attention kernel (what SDPA picks for bf16 and fp32) spends about 1.2 ms per layer on that at batch 32,
-8 heads and 88 cached positions, for 6 MFLOP of work: 40% of a 47M-parameter model's sampling time
-(benchmarks/README.md). Written as `q @ k^T`, a float32 softmax and `p @ v`, with the query heads of each
-KV head stacked as rows so that grouped-query attention needs no copy of K and V, the same step costs tens of
-microseconds.
+During sampling every decode step attends one new query token per row to the KV cache. On a CPU without AMX
+(AMD EPYC Zen 4 measured), PyTorch's flash-attention kernel, which SDPA picks for bf16 and fp32, spends
+0.6-1.2 ms per layer on that at batch 32, 8 heads and up to 88 cached positions: 40% of a 47M-parameter
+model's sampling time. Written as `q @ k^T`, a float32 softmax and `p @ v`, with the query heads of each KV
+head stacked as rows so that grouped-query attention needs no copy of K and V, the step costs a quarter of
+that, and sampling a third less (benchmarks/README.md). On a Xeon with AMX the flash kernel was the faster
+one (sampling 5% slower with matmuls), hence `use_matmul_decode("auto")`.
 
 It is registered with transformers' attention interface under `NAME`, with SDPA's mask function, and
 installed on a model only while it samples (`installed`): prompts and every training forward (query length
@@ -60,6 +61,16 @@ def matmul_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(probs, value)  # [B, Hkv, G, D]
     return out.reshape(B, 1, H, D), None
+
+
+def use_matmul_decode(choice: str) -> bool:
+    """`rollout.decode_attention`: "matmul", "model", or "auto" (matmul unless the CPU has AMX tiles)."""
+    if choice not in ("auto", "matmul", "model"):
+        raise ValueError(f"decode_attention must be 'auto', 'matmul' or 'model', not {choice!r}")
+    if choice == "auto":
+        has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return not has_amx
+    return choice == "matmul"
 
 
 AttentionInterface.register(NAME, matmul_decode_attention)
