@@ -8,6 +8,9 @@ a tenth of a CPU step (benchmarks/README.md). Raising both thresholds makes mall
 memory instead. Peak RSS is unchanged (it was touched at the peak anyway), but RSS no longer drops after it.
 
 The setting is process-wide and stays for the life of the process; it does nothing on other C libraries.
+The first step is the exception: what it frees is mostly one-off (torch.compile's tracing and code
+generation, loading), so `release_freed_memory` hands the free memory back once after it, and later steps
+grow RSS only to what they need.
 """
 
 from __future__ import annotations
@@ -36,3 +39,16 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_freed_memory() -> bool:
+    """Return free heap memory to the OS now (glibc's malloc_trim); True if anything was released."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim.restype = ctypes.c_int
+    return bool(malloc_trim(0))

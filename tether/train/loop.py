@@ -10,6 +10,7 @@ Every algorithmic choice is a field of `TrainConfig.algorithm`; the pieces are `
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import random
@@ -38,7 +39,7 @@ from tether.train.forward import (
     scatter_rows,
     split_micro_batches,
 )
-from tether.train.host_memory import keep_freed_memory
+from tether.train.host_memory import keep_freed_memory, release_freed_memory
 from tether.train.precision import MasterWeights
 from tether.train.stats import StatAccumulator
 
@@ -167,6 +168,7 @@ class Trainer:
         self.sampler = PromptSampler(rows, batch_size=cfg.rollout.prompts_per_step, seed=cfg.seed,
                                      shuffle=cfg.data.shuffle)
         self.step_count = 0
+        self._first_step_memory_released = False
         self.bad_steps = 0
         if self.run_dir is not None and self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -649,6 +651,11 @@ class Trainer:
         stats["throughput/tokens_per_s"] = stats["completion/tokens"] / max(stats["time/step"], 1e-9)
         stats["optim/lr"] = self.schedulers["policy"].get_last_lr()[0]
         self._check_finite_step(stats)
+        if self.cfg.keep_freed_memory and not self._first_step_memory_released:
+            # The first step's garbage (compilation above all) is one-off: hand it back, keep the rest.
+            gc.collect()
+            release_freed_memory()
+            self._first_step_memory_released = True
         return StepResult(self.step_count, stats, rollout)
 
     def _rollout_stats(self, rollout: Rollout) -> dict[str, float]:
