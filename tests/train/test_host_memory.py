@@ -50,3 +50,33 @@ def test_freed_memory_is_reused_without_page_faults():
 def test_keep_freed_memory_is_a_config_key_on_by_default():
     assert resolve_config({}).keep_freed_memory is True
     assert resolve_config({}, overrides=["keep_freed_memory=false"]).keep_freed_memory is False
+
+
+RELEASE_PROBE = """
+import json
+import torch
+from tether.train.host_memory import keep_freed_memory, release_freed_memory
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+keep_freed_memory()
+blocks = [torch.empty(1 << 20, dtype=torch.float32).fill_(1.0) for _ in range(32)]  # 128 MiB on the heap
+peak = rss_mib()
+del blocks
+kept = rss_mib()
+released = release_freed_memory()
+print(json.dumps({"peak": peak, "kept": kept, "after": rss_mib(), "released": released}))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="malloc_trim is glibc's; RSS is read from /proc")
+def test_release_freed_memory_hands_kept_memory_back():
+    """What keep_freed_memory keeps after a free, release_freed_memory gives back (the trainer does it once,
+    after the first step)."""
+    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["peak"] - r["kept"] < 16  # freed, but kept by malloc
+    assert r["released"] is True and r["kept"] - r["after"] > 100  # most of the 128 MiB returned

@@ -192,6 +192,21 @@ def test_non_finite_step_is_skipped_then_stops(llama, precision):
     handle.remove()
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_first_steps_freed_memory_is_released_once(llama, monkeypatch, keep):
+    """keep_freed_memory: the first step's one-off garbage (compilation) is handed back after it, once;
+    with glibc's defaults (keep off) malloc trims by itself and the trainer leaves it alone."""
+    import tether.train.loop as loop
+
+    calls = []
+    monkeypatch.setattr(loop, "release_freed_memory", lambda: calls.append(1) or True)
+    trainer = make_trainer(llama, keep_freed_memory=str(keep).lower())
+    trainer.step()
+    assert calls == ([1] if keep else [])
+    trainer.step()
+    assert calls == ([1] if keep else [])
+
+
 def test_reward_with_wrong_count_is_a_clear_error(llama):
     def short(prompts, completions, **_):
         return [1.0]
