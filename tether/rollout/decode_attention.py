@@ -3,10 +3,10 @@
 During sampling every decode step attends one new query token per row to the KV cache. On a CPU without AMX
 (AMD EPYC Zen 4 measured), PyTorch's flash-attention kernel, which SDPA picks for bf16 and fp32, spends
 0.6-1.2 ms per layer on that at batch 32, 8 heads and up to 88 cached positions: 40% of a 47M-parameter
-model's sampling time. Written as `q @ k^T`, a float32 softmax and `p @ v`, with the query heads of each KV
-head stacked as rows so that grouped-query attention needs no copy of K and V, the step costs a quarter of
-that, and sampling a third less (benchmarks/README.md). On a Xeon with AMX the flash kernel was the faster
-one (sampling 5% slower with matmuls), hence `use_matmul_decode("auto")`.
+model's sampling time. Written as `q @ k^T`, a softmax and `p @ v`, all in float32, with the query heads of
+each KV head stacked as rows so that grouped-query attention needs no copy of K and V, the step costs a
+quarter of that, and sampling a fifth to a third less (benchmarks/README.md). On a Xeon with AMX the flash
+kernel was the faster one (sampling 5% slower with matmuls), hence `use_matmul_decode("auto")`.
 
 It is registered with transformers' attention interface under `NAME`, with SDPA's mask function, and
 installed on a model only while it samples (`installed`): prompts and every training forward (query length
@@ -50,16 +50,16 @@ def matmul_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     scale = scaling if scaling is not None else D**-0.5
     # Query heads h = kv * G + g share KV head kv (repeat_kv's order): stack a KV head's G queries as rows.
     q = query.reshape(B, Hkv, H // Hkv, D)
-    # The matmuls run in the cache's dtype, as transformers' eager attention does (converting the cache to
-    # float32 at every step would cost more than the attention itself); scaling, mask and softmax in float32.
-    scores = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scale)  # [B, Hkv, G, S]
+    # In float32, whatever the cache's dtype: bf16 batched matmuls on CPU go through a oneDNN primitive per
+    # shape, and the cached length grows every step: measured twice as slow, with ~100 MiB of primitives.
+    scores = torch.matmul(q.float(), key.float().transpose(-1, -2)).mul_(scale)  # [B, Hkv, G, S]
     if attention_mask is not None:  # [B, 1, 1, S]: broadcasts over the KV heads and their G queries
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill_(~attention_mask, float("-inf"))
         else:
             scores = scores.add_(attention_mask)
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value)  # [B, Hkv, G, D]
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, value.float()).to(query.dtype)  # [B, Hkv, G, D]
     return out.reshape(B, 1, H, D), None
 
 
