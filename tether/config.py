@@ -261,7 +261,8 @@ class TrainConfig:
     threads: int | None = F(None, "CPU threads for torch (None = torch's default).", ge=1)
     keep_freed_memory: bool = F(True, "Have glibc's malloc keep freed host memory for reuse (mmap threshold "
                                 "32 MiB, no trimming) instead of page-faulting it back every step: about -10% "
-                                "CPU step time at equal peak RSS; RSS stays at its peak. Process-wide.")
+                                "CPU step time at equal peak RSS; RSS stays at its peak. The first step's "
+                                "one-off garbage (compilation) is handed back once after it. Process-wide.")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Models."})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Sampling."})
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig, metadata={"help": "The algorithm."})
