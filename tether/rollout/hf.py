@@ -212,8 +212,9 @@ class CompiledForward:
     generate's per-token Python (cache bookkeeping, masks, rotary, the layers' small element-wise ops) is
     most of a decode step at batch 32 on CPU; compiled, it is fused around the matmuls (47M model, bf16:
     10-20% off sampling on the two CPUs measured, benchmarks/README.md). dynamic=True: the growing KV
-    length and each step's prompt length are symbolic, so the graphs (prefill, one decode step) compile once. The forward is swapped in only for
-    the duration of `generate`, so training forwards, the reference and checkpoints never see it.
+    length and each step's prompt length are symbolic, so the graphs (prefill, one decode step) compile once.
+    The forward is swapped in only for the duration of `generate`, so training forwards, the reference and
+    checkpoints never see it.
     """
 
     def __init__(self, backend: str | Callable = "inductor") -> None:
