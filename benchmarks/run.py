@@ -522,11 +522,11 @@ def vs_trl(args) -> dict:
             mb = next((int(r[2:]) for r in rest if r.startswith("mb")), None)
             env = None
             if side == "tether":
-                known = ("compile", "gencompile", "noshare", "sdpadecode", "releasemem")
+                known = ("compile", "gencompile", "noshare", "sdpadecode", "nopack", "releasemem")
                 if prec not in PRECISIONS or any(r not in known and not r.startswith("mb") for r in rest):
                     raise SystemExit(f"unknown tether configuration {c!r}: tether-PRECISION[-mbN][-compile]"
-                                     f"[-gencompile][-noshare][-sdpadecode][-releasemem], PRECISION one of "
-                                     f"{', '.join(PRECISIONS)}")
+                                     f"[-gencompile][-noshare][-sdpadecode][-nopack][-releasemem], PRECISION "
+                                     f"one of {', '.join(PRECISIONS)}")
                 # -mbN: N sequences per forward/backward; the no-grad reference pass keeps whole batches.
                 sets = [f"optim.micro_batch_size={mb}", "optim.no_grad_micro_batch_size=32"] if mb else []
                 if "compile" in rest:
@@ -537,6 +537,8 @@ def vs_trl(args) -> dict:
                     sets.append("optim.share_prompts=false")
                 if "sdpadecode" in rest:  # decode steps on the model's SDPA instead of tether's matmuls
                     sets.append("rollout.decode_attention=model")
+                if "nopack" in rest:  # the sampler's linears on F.linear instead of packed weights
+                    sets.append("rollout.packed_linears=false")
                 if "releasemem" in rest:  # glibc's default malloc behaviour instead of keep_freed_memory
                     sets.append("keep_freed_memory=false")
                 cmd = tether_cmd(path, "grpo", args.steps, prec, args, extra_sets=sets)
@@ -748,11 +750,11 @@ def main() -> None:
     ap.add_argument("--vs-trl", action="store_true", help="tether GRPO vs TRL GRPOTrainer, alternating runs")
     ap.add_argument("--vs-trl-configs", default="tether-bf16-mb8-compile,trl-bf16,tether-bf16-mb8,trl-fp32",
                     help="comma list of side-precision[-mbN][-compile][-gencompile][-noshare][-sdpadecode]"
-                         "[-releasemem|-keepmem]: side tether|trl; tether precision fp32|bf16|autocast (see "
+                         "[-nopack][-releasemem|-keepmem]: side tether|trl; tether precision fp32|bf16|autocast (see "
                          "--precision), TRL's fp32|bf16 (its bf16=True autocast); -mbN: N sequences per "
                          "forward/backward (gradient accumulation); -compile: tether's model.compile; "
                          "-gencompile: tether's rollout.compile; -noshare: optim.share_prompts=false; "
-                         "-sdpadecode: rollout.decode_attention=model; "
+                         "-sdpadecode: rollout.decode_attention=model; -nopack: rollout.packed_linears=false; "
                          "-releasemem: tether with keep_freed_memory=false; -keepmem: TRL "
                          "with the same malloc settings as tether's keep_freed_memory (environment variables)")
     ap.add_argument("--rounds", type=int, default=2, help="--vs-trl: rounds over all configurations")

@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from tether.rollout.batch import Rollout
 from tether.rollout.decode_attention import installed as matmul_decode_installed
 from tether.rollout.decode_attention import use_matmul_decode
+from tether.rollout.packed_linears import installed as packed_linears_installed
 from tether.rollout.shared_prompts import CACHE_KWARG, prefill_shared_prompts
 
 
@@ -244,7 +245,7 @@ class HFGenerateBackend:
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_strings=(),
                  micro_batch_size: int = 64, chat_template: bool = False, autocast_dtype=None,
                  weights_dtype: torch.dtype | None = None, compile_backend: str | Callable | None = None,
-                 share_prompts: bool = False, decode_attention: str = "auto"):
+                 share_prompts: bool = False, decode_attention: str = "auto", packed_linears: bool = True):
         """`weights_dtype`: sample from a copy of the policy in this dtype (e.g. bfloat16: no autocast casts,
         half the weight bandwidth), refreshed from the policy by `sync_weights` after every optimiser step.
         None samples from the policy itself (under `autocast_dtype`, if given). `compile_backend`: run the
@@ -252,7 +253,8 @@ class HFGenerateBackend:
         `share_prompts`: rows with the same prompt prefill it once (`prefill_shared_prompts`).
         `decode_attention`: "matmul" runs the one-token decode steps of an SDPA model on CPU through
         `decode_attention.matmul_decode_attention`; "model" keeps the model's own attention; "auto": matmul
-        on CPUs without AMX (`use_matmul_decode`)."""
+        on CPUs without AMX (`use_matmul_decode`). `packed_linears`: on CPU, run the linear layers on weights
+        packed for oneDNN once per call (`packed_linears.installed`); not under autocast or `compile_backend`."""
         self.source = policy
         self.policy = policy
         if weights_dtype is not None and weights_dtype != next(policy.parameters()).dtype:
@@ -267,6 +269,9 @@ class HFGenerateBackend:
         self.compiled_forward = CompiledForward(compile_backend) if compile_backend is not None else None
         self.share_prompts = share_prompts
         self.matmul_decode = use_matmul_decode(decode_attention)
+        # Autocast would need the packed copies in its dtype, and Inductor cannot trace oneDNN's packed
+        # tensors: both keep F.linear.
+        self.packed_linears = packed_linears and autocast_dtype is None and compile_backend is None
         self.eos = eos_ids(tokenizer, policy)
         # An explicit config with only our settings: a hub model's own generation_config may carry
         # repetition penalties or top_k=50 defaults that would make the sampler's distribution differ
@@ -312,7 +317,8 @@ class HFGenerateBackend:
         # in-place writes through a view whose length is symbolic.
         forward = self.compiled_forward.installed(self.policy) if self.compiled_forward else nullcontext()
         try:
-            with autocast, forward, matmul_decode_installed(self.policy, self.matmul_decode):
+            with (autocast, forward, matmul_decode_installed(self.policy, self.matmul_decode),
+                  packed_linears_installed(self.policy, len(prompts), self.packed_linears)):
                 recorder = SampledLogprobs()
                 cache = (preallocated_cache(self.policy, P + self.max_new_tokens) if self.compiled_forward is None
                          else None)

@@ -257,7 +257,7 @@ class Trainer:
                                  chat_template=m.chat_template, autocast_dtype=self.autocast_dtype,
                                  weights_dtype=self._sampler_weights_dtype(),
                                  compile_backend="inductor" if r.compile else None,
-                                 decode_attention=r.decode_attention,
+                                 decode_attention=r.decode_attention, packed_linears=r.packed_linears,
                                  # Under FSDP the prefill would gather the shards on its own, and only on
                                  # ranks whose prompts repeat: generate's gather must stay the only one.
                                  share_prompts=self.cfg.optim.share_prompts and not (

@@ -1,0 +1,113 @@
+"""Linear layers on oneDNN-packed weights while sampling: the same results as F.linear, fall-backs, restore."""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tether.models import load_causal_lm, load_tokenizer
+from tether.rollout import packed_linears
+from tether.rollout.hf import HFGenerateBackend
+from tether.rollout.packed_linears import installed
+from tether.tasks.tiny_model import build_tiny_model
+
+pytestmark = pytest.mark.skipif(not packed_linears.available(), reason="this torch build has no oneDNN")
+
+
+class Net(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        torch.manual_seed(0)
+        self.with_bias = nn.Linear(16, 24).to(dtype)
+        self.without_bias = nn.Linear(24, 8, bias=False).to(dtype)
+
+    def forward(self, x):
+        return self.without_bias(self.with_bias(x))
+
+
+def plain(net, x):
+    return F.linear(F.linear(x, net.with_bias.weight, net.with_bias.bias), net.without_bias.weight)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("shape", [(5, 16), (3, 7, 16)])
+def test_packed_layers_compute_f_linear(dtype, tol, shape):
+    net = Net(dtype)
+    x = torch.randn(*shape).to(dtype)
+    with torch.no_grad(), installed(net, rows=shape[0]) as n_packed:
+        assert n_packed == 2 and "forward" in vars(net.with_bias)
+        out = net(x)
+        transposed = net(x.transpose(0, -2).contiguous().transpose(0, -2))  # a non-contiguous input
+    want = plain(net, x).detach()
+    torch.testing.assert_close(out, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(transposed, want, atol=tol, rtol=tol)
+    assert "forward" not in vars(net.with_bias) and "forward" not in vars(net.without_bias)
+
+
+def test_gradients_and_autocast_fall_back_to_f_linear():
+    net = Net(torch.float32)
+    x = torch.randn(4, 16)
+    with installed(net, rows=4):
+        net(x).sum().backward()  # grad enabled, trainable weights: the packed op has no backward
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast_out = net(x)
+    assert net.with_bias.weight.grad is not None and net.without_bias.weight.grad.abs().sum() > 0
+    assert autocast_out.dtype == torch.bfloat16  # autocast's cast, as F.linear does it
+
+
+def test_restores_on_exception_and_skips_layers_it_does_not_own():
+    class Quantised(nn.Linear):
+        pass
+
+    net = nn.Sequential(nn.Linear(4, 4), Quantised(4, 4), nn.Linear(4, 4), nn.Linear(4, 4).half())
+    hooked = net[2]
+    hooked.forward = lambda x: x  # an offload hook, say: someone else's forward
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with installed(net, rows=2) as n_packed:
+            assert n_packed == 1  # only the plain float32 layer: the subclass, the hooked and fp16 are skipped
+            raise RuntimeError("interrupted")
+    assert "forward" not in vars(net[0]) and vars(hooked)["forward"] is not None
+    with installed(net, rows=2, enabled=False) as n_packed:
+        assert n_packed == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_sampling_on_packed_weights_matches_plain_linears(tmp_path, arch, monkeypatch):
+    """Same tokens and log-probs (float32) with and without packing; the layers were packed while sampling."""
+    path = build_tiny_model(tmp_path / arch, arch=arch, hidden_size=32, num_layers=2)
+    tok = load_tokenizer(str(path))
+    policy = load_causal_lm(str(path))
+    packed_counts = []
+    original = packed_linears.installed
+
+    @contextmanager
+    def counting(model, rows, enabled=True):
+        with original(model, rows, enabled) as n_packed:
+            packed_counts.append(n_packed)
+            yield n_packed
+
+    monkeypatch.setattr("tether.rollout.hf.packed_linears_installed", counting)
+    prompts = ["1+1=", "12+34=", "9="]
+    rows = [{"prompt": p} for p in prompts]
+    results = []
+    for packed in (False, True):
+        backend = HFGenerateBackend(policy, tok, max_new_tokens=8, packed_linears=packed, share_prompts=True)
+        torch.manual_seed(0)
+        results.append(backend.generate(rows, prompts, group_size=2))
+    n_linears = sum(type(m) is nn.Linear for m in policy.modules())
+    assert packed_counts == [0, n_linears] and n_linears >= 2 * 7
+    assert not any("forward" in vars(m) for m in policy.modules())
+    plain_run, packed_run = results
+    assert torch.equal(plain_run.input_ids_BL, packed_run.input_ids_BL)
+    torch.testing.assert_close(plain_run.sampler_logprobs_BT, packed_run.sampler_logprobs_BT, atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_backend_keeps_f_linear_under_autocast_and_compile(tmp_path):
+    path = build_tiny_model(tmp_path / "m", hidden_size=32, num_layers=1)
+    tok, policy = load_tokenizer(str(path)), load_causal_lm(str(path))
+    assert HFGenerateBackend(policy, tok, max_new_tokens=2).packed_linears
+    assert not HFGenerateBackend(policy, tok, max_new_tokens=2, autocast_dtype=torch.bfloat16).packed_linears
+    assert not HFGenerateBackend(policy, tok, max_new_tokens=2, compile_backend="eager").packed_linears
