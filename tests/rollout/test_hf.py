@@ -32,6 +32,19 @@ def test_tokenizer_without_pad_token_uses_eos(tmp_path):
     assert r.attention_mask_BL[0, 0] == 0 and r.attention_mask_BL[3, 0] == 1
 
 
+def test_rollout_tensors_can_enter_a_training_forward(tmp_path):
+    """generate runs under inference mode; what it returns must still be usable (and saved) by autograd."""
+    path = build_tiny_model(tmp_path / "m", hidden_size=32, num_layers=1)
+    tok, model = load_tokenizer(str(path)), load_causal_lm(str(path))
+    r = HFGenerateBackend(model, tok, max_new_tokens=4).generate([{}], ["1+1="], group_size=2)
+    tensors = [r.input_ids_BL, r.attention_mask_BL, r.response_mask_BT, r.sampler_logprobs_BT, r.truncated_B]
+    assert not any(t.is_inference() for t in tensors)
+    logits = model(input_ids=r.input_ids_BL, attention_mask=r.attention_mask_BL).logits
+    loss = (logits[:, -r.response_mask_BT.shape[1]:].float().logsumexp(-1) * r.response_mask_BT).sum()
+    (loss - r.sampler_logprobs_BT.sum()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_stop_strings_end_completions(tmp_path):
     path = build_tiny_model(tmp_path / "m", hidden_size=32)
     tok = load_tokenizer(str(path))
