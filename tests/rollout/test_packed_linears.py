@@ -10,10 +10,11 @@ from torch import nn
 from tether.models import load_causal_lm, load_tokenizer
 from tether.rollout import packed_linears
 from tether.rollout.hf import HFGenerateBackend
-from tether.rollout.packed_linears import installed
+from tether.rollout.packed_linears import installed, probe
 from tether.tasks.tiny_model import build_tiny_model
 
-pytestmark = pytest.mark.skipif(not packed_linears.available(), reason="this torch build has no oneDNN")
+pytestmark = pytest.mark.skipif(not packed_linears.supported(torch.float32),
+                                reason="no oneDNN packed linears in this torch build or on this CPU")
 
 
 class Net(nn.Module):
@@ -44,6 +45,27 @@ def test_packed_layers_compute_f_linear(dtype, tol, shape):
     torch.testing.assert_close(out, want, atol=tol, rtol=tol)
     torch.testing.assert_close(transposed, want, atol=tol, rtol=tol)
     assert "forward" not in vars(net.with_bias) and "forward" not in vars(net.without_bias)
+
+
+def test_probe_refuses_operators_that_fail_or_disagree_with_f_linear():
+    ops = torch.ops.mkldnn
+    assert probe(torch.float32, ops._reorder_linear_weight, ops._linear_pointwise)
+
+    def wrong(x, w, b, *args):
+        return torch.zeros(*x.shape[:-1], 8)
+
+    def raising(*args):
+        raise RuntimeError("no oneDNN kernel for this CPU")
+
+    assert not probe(torch.float32, ops._reorder_linear_weight, wrong)
+    assert not probe(torch.float32, raising, ops._linear_pointwise)
+
+
+def test_unsupported_dtypes_keep_f_linear(monkeypatch):
+    monkeypatch.setattr(packed_linears, "supported", lambda dtype: dtype != torch.bfloat16)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4).bfloat16())
+    with installed(net, rows=2) as n_packed:
+        assert n_packed == 1 and "forward" not in vars(net[1])
 
 
 def test_gradients_and_autocast_fall_back_to_f_linear():

@@ -9,12 +9,15 @@ benchmarks/README.md). The weights only change between `generate` calls, so `ins
 
 The packed copy costs the linear weights' size again while sampling. The results are the same matmuls
 (float32 accumulation) in another order of summation. Calls that need autograd, run under autocast, or get
-an input of another dtype fall back to `F.linear` on the module's own weight.
+an input of another dtype fall back to `F.linear` on the module's own weight. The two operators are PyTorch
+internals (the ones Inductor's CPU backend emits for frozen linears): `supported` probes them once per dtype
+against `F.linear`, and where they are missing, fail or disagree, every layer keeps `F.linear`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -24,11 +27,29 @@ from torch import nn
 _PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
 
 
-def available() -> bool:
-    """True where this torch build has oneDNN's packed-linear operators and oneDNN can run on this CPU."""
+def probe(dtype: torch.dtype, reorder: Callable, linear: Callable) -> bool:
+    """True when `linear(x, reorder(w, rows), b, ...)` runs in `dtype` and agrees with `F.linear` on a small
+    case. The oneDNN operators are PyTorch internals (Inductor's CPU backend emits them for frozen linears);
+    a build or CPU without them, or a changed signature, makes this False rather than breaking sampling."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        w, b, x = (torch.randn(*shape, generator=g).to(dtype) for shape in ((8, 16), (8,), (2, 3, 16)))
+        with torch.no_grad():
+            out = linear(x, reorder(w, 2), b, "none", [], "")
+            want = F.linear(x, w, b)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        return out.shape == want.shape and torch.allclose(out.float(), want.float(), atol=tol, rtol=tol)
+    except Exception:  # an unsupported instruction set, a missing operator, another signature
+        return False
+
+
+@functools.cache
+def supported(dtype: torch.dtype) -> bool:
+    """Whether layers with `dtype` weights can run packed here (probed once per dtype)."""
     ops = torch.ops.mkldnn
-    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
-            and hasattr(ops, "_linear_pointwise"))
+    return (dtype in _PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
+            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
+            and probe(dtype, ops._reorder_linear_weight, ops._linear_pointwise))
 
 
 def _packable(module: nn.Module) -> bool:
@@ -37,10 +58,10 @@ def _packable(module: nn.Module) -> bool:
     # already set on the instance belongs to someone else (accelerate's offload hooks, say).
     return (type(module) is nn.Linear and "forward" not in module.__dict__
             and type(weight) is nn.Parameter and weight.device.type == "cpu" and weight.layout == torch.strided
-            and weight.dtype in _PACKABLE_DTYPES and weight.dim() == 2)
+            and weight.dim() == 2 and supported(weight.dtype))
 
 
-def _packed_forward(module: nn.Linear, packed: torch.Tensor) -> callable:
+def _packed_forward(module: nn.Linear, packed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         if (x.dtype != packed.dtype or x.device.type != "cpu" or torch.is_autocast_enabled("cpu")
                 or (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad))):
@@ -58,7 +79,7 @@ def installed(model: nn.Module, rows: int, enabled: bool = True) -> Iterator[int
     """
     swapped: list[nn.Module] = []
     try:
-        if enabled and available():
+        if enabled:
             with torch.no_grad():
                 for module in model.modules():
                     if _packable(module):
