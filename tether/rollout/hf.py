@@ -10,7 +10,6 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.fx.experimental._config as fx_config
 from torch import nn
-from torch.distributed.tensor import DTensor
 from transformers import (
     GenerationConfig,
     LogitsProcessor,
@@ -27,6 +26,11 @@ from tether.rollout.decode_attention import installed as matmul_decode_installed
 from tether.rollout.decode_attention import use_matmul_decode
 from tether.rollout.packed_linears import installed as packed_linears_installed
 from tether.rollout.shared_prompts import CACHE_KWARG, prefill_shared_prompts
+
+try:  # FSDP2's parameter type; torch builds without distributed support have no FSDP to detect
+    from torch.distributed.tensor import DTensor
+except ImportError:
+    DTensor = ()
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, chat_template: bool,
