@@ -26,11 +26,7 @@ from tether.rollout.decode_attention import installed as matmul_decode_installed
 from tether.rollout.decode_attention import use_matmul_decode
 from tether.rollout.packed_linears import installed as packed_linears_installed
 from tether.rollout.shared_prompts import CACHE_KWARG, prefill_shared_prompts
-
-try:  # FSDP2's parameter type; torch builds without distributed support have no FSDP to detect
-    from torch.distributed.tensor import DTensor
-except ImportError:
-    DTensor = ()
+from tether.train.distributed import is_sharded
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, chat_template: bool,
@@ -326,8 +322,7 @@ class HFGenerateBackend:
             # (about 5% off sampling on CPU). Its tensors cannot be saved for backward, hence the clone below.
             # Not under FSDP: the unsharded parameters it allocates in a forward would become inference
             # tensors that training later writes into.
-            sharded = any(isinstance(p, DTensor) for p in self.policy.parameters())
-            with (torch.inference_mode(not sharded), autocast, forward,
+            with (torch.inference_mode(not is_sharded(self.policy)), autocast, forward,
                   matmul_decode_installed(self.policy, self.matmul_decode),
                   packed_linears_installed(self.policy, len(prompts), self.packed_linears)):
                 recorder = SampledLogprobs()

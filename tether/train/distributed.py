@@ -125,7 +125,10 @@ def split_to_count(parts: list[torch.Tensor], n: int) -> list[torch.Tensor]:
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    """True when the model's parameters are FSDP2 DTensor shards."""
+    """True when the model's parameters are FSDP2 DTensor shards (never on a torch build without
+    distributed support)."""
+    if not dist.is_available():
+        return False
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
