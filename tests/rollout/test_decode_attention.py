@@ -71,7 +71,7 @@ def test_longer_queries_and_soft_capping_go_to_sdpa(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
-def test_sampling_with_matmul_decode_matches_the_models_attention(tmp_path, arch, monkeypatch):
+def test_sampling_with_matmul_decode_matches_the_models_attention(tmp_path, arch, monkeypatch, assert_same_samples):
     """Same tokens and log-probs (float32) as the model's SDPA attention, with left-padded prompts; the
     decode steps did take the matmul path, and the model is back on SDPA afterwards."""
     path = build_tiny_model(tmp_path / arch, arch=arch, hidden_size=32, num_layers=2)
@@ -84,19 +84,13 @@ def test_sampling_with_matmul_decode_matches_the_models_attention(tmp_path, arch
     registered = AttentionInterface._global_mapping[NAME]
     monkeypatch.setitem(AttentionInterface._global_mapping, NAME,
                         lambda m, q, *a, **kw: decode_calls.append(q.shape[2]) or registered(m, q, *a, **kw))
-    prompts = ["1+1=", "12+34=", "9="]
-    rows = [{"prompt": p} for p in prompts]
-    results = []
-    for mode in ("model", "matmul"):
-        backend = HFGenerateBackend(policy, tok, max_new_tokens=8, decode_attention=mode, share_prompts=True)
-        torch.manual_seed(0)
-        results.append(backend.generate(rows, prompts, group_size=2))
+
+    def back_on_sdpa():
         assert policy.config._attn_implementation == "sdpa"
+
+    assert_same_samples(policy, tok, {"decode_attention": "model"}, {"decode_attention": "matmul"},
+                        after=back_on_sdpa)
     assert decode_calls.count(1) >= 2 * 8  # every layer of the decode steps (and prompts' last tokens)
-    model_attention, matmul = results
-    assert torch.equal(model_attention.input_ids_BL, matmul.input_ids_BL)
-    torch.testing.assert_close(model_attention.sampler_logprobs_BT, matmul.sampler_logprobs_BT, atol=1e-5,
-                               rtol=1e-5)
 
 
 def test_installed_restores_the_implementation_and_skips_other_attentions(tmp_path):
