@@ -27,17 +27,21 @@ import time
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from common import SIZES, matmul_rate
+from run import ensure_model
 
 
-def linear_shapes(hidden: int, layers: int, heads: int, vocab: int) -> tuple[list[tuple[int, int]], tuple[int, int]]:
-    """(out, in) of every decoder linear (Llama: q, k, v, o, gate, up, down; KV heads = heads / 2, MLP 4x
-    hidden, as benchmarks/common.py builds them) and of the LM head."""
-    head_dim, kv = hidden // heads, hidden // heads * (heads // 2)
-    block = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden),
-             (4 * hidden, hidden), (4 * hidden, hidden), (hidden, 4 * hidden)]
-    return block * layers, (vocab, hidden)
+def linear_shapes(size: str) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """(out, in) of every decoder linear of run.py's benchmark model of this size, and of its LM head: the
+    model's own modules, built on the meta device from its saved config."""
+    path = ensure_model(size)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    head = model.get_output_embeddings()
+    block = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    return block, tuple(head.weight.shape)
 
 
 def timed(fn, repeats: int) -> float:
@@ -53,7 +57,6 @@ def timed(fn, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="medium", choices=sorted(SIZES))
-    ap.add_argument("--vocab", type=int, default=100)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=24)
@@ -64,8 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    s = SIZES[args.size]
-    shapes, head = linear_shapes(s["hidden_size"], s["num_layers"], s["num_heads"], args.vocab)
+    shapes, head = linear_shapes(args.size)
     bf16 = torch.bfloat16
     weights = [torch.randn(o, i, dtype=bf16) * 0.02 for o, i in shapes]
     head_w = torch.randn(*head, dtype=bf16) * 0.02
@@ -118,22 +120,22 @@ def main() -> None:
     bwd = timed(lambda: backward(rows_mb, head_mb), args.repeats)
     phases["update (forward + backward)"] = (fwd + bwd) * (B // mb)
 
-    flops = {
-        "generate": 2 * (U * (P - 1) * sum(o * i for o, i in shapes) + T * B * (sum(o * i for o, i in shapes)
-                                                                            + head[0] * head[1])),
-        "reference pass": 2 * ((U * P + B * T) * sum(o * i for o, i in shapes) + B * T * head[0] * head[1]),
-    }
-    flops["update"] = 3 * flops["reference pass"]
+    def flops(rows: int, head_rows: int) -> int:  # what forward(rows, head_rows) multiplies
+        return 2 * (rows * sum(o * i for o, i in shapes) + head_rows * head[0] * head[1])
+
+    generate_flops = flops(U * (P - 1), 0) + T * flops(B, B)
+    reference_flops = flops(U * P + B * T, B * T)
+    at_rate = {"generate (F.linear)": generate_flops, "generate (packed)": generate_flops,
+               "reference pass": reference_flops, "update (forward + backward)": 3 * reference_flops}
     rate = matmul_rate("bfloat16", threads=args.threads)["gflops_median"] * 1e9
     print(f"{args.size} model, bf16, {args.threads} threads: {U} prompts x {G} completions, P={P}, T={T}, "
           f"update micro-batch {mb}; 2048^3 bf16 matmul {rate / 1e9:.0f} GFLOP/s")
     print(f"{'phase':32s} {'linears s':>10s} {'at 2048^3 rate s':>17s}")
-    at_rate = {"generate (F.linear)": flops["generate"], "generate (packed)": flops["generate"],
-               "reference pass": flops["reference pass"], "update (forward + backward)": flops["update"]}
     for name, sec in phases.items():
         print(f"{name:32s} {sec:10.2f} {at_rate[name] / rate:17.2f}")
     best = phases["generate (packed)"] + phases["reference pass"] + phases["update (forward + backward)"]
-    print(f"{'step (packed generate)':32s} {best:10.2f} {sum(flops.values()) / rate:17.2f}")
+    step_flops = generate_flops + 4 * reference_flops
+    print(f"{'step (packed generate)':32s} {best:10.2f} {step_flops / rate:17.2f}")
 
 
 if __name__ == "__main__":
