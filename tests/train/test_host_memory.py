@@ -34,14 +34,15 @@ print(json.dumps({"applied": applied, "faults": [faults_of_one_round() for _ in 
 """
 
 
-def _faults(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+def _run_probe(script: str, *args: str) -> dict:
+    """Run a probe script in a fresh interpreter (malloc settings are process-wide); its last line is JSON."""
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's mallopt")
 def test_freed_memory_is_reused_without_page_faults():
-    control, kept = _faults("control"), _faults("keep")
+    control, kept = _run_probe(PROBE, "control"), _run_probe(PROBE, "keep")
     assert control["applied"] is True and kept["applied"] is True
     assert min(control["faults"]) > 8192  # most of each round's 16384 pages fault in again
     assert max(kept["faults"]) < 100  # the freed blocks are reused as they are
@@ -76,7 +77,6 @@ print(json.dumps({"peak": peak, "kept": kept, "after": rss_mib(), "released": re
 def test_release_freed_memory_hands_kept_memory_back():
     """What keep_freed_memory keeps after a free, release_freed_memory gives back (the trainer does it once,
     after the first step)."""
-    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True, check=True)
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = _run_probe(RELEASE_PROBE)
     assert r["peak"] - r["kept"] < 16  # freed, but kept by malloc
     assert r["released"] is True and r["kept"] - r["after"] > 100  # most of the 128 MiB returned
