@@ -243,3 +243,26 @@ def test_explained_variance():
     noise = torch.tensor([[1.0, -1.0, 1.0, 0.0], [-1.0, 1.0, -1.0, 0.0]])
     assert explained_variance(R + noise, R, mask).item() == pytest.approx(1 - 1.2 / 3.5)
     assert math.isnan(explained_variance(R, torch.ones_like(R), mask).item())
+
+
+@pytest.mark.parametrize("name", ["clipped", "clipped_sequence"])
+def test_padded_positions_holding_nan_or_inf_give_the_same_loss_and_gradient(name):
+    """What padded positions hold never reaches the loss or its gradient: NaN, -inf and +inf padding give
+    exactly the values and gradients of zero padding (the log-probs are masked before exp())."""
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float64)
+    logp = torch.randn(2, 5, dtype=torch.float64) * 0.1 - 1
+    old = logp + torch.randn(2, 5, dtype=torch.float64) * 0.1
+    A = torch.tensor([[0.5] * 5, [-1.0] * 5], dtype=torch.float64)
+    results = []
+    for fill in (0.0, math.nan, -math.inf, math.inf):
+        x = torch.where(mask.bool(), logp, torch.tensor(fill, dtype=torch.float64)).requires_grad_(True)
+        o = torch.where(mask.bool(), old, torch.tensor(fill, dtype=torch.float64))
+        loss_BT, _ = POLICY_LOSSES[name](x, o, A, mask, eps_low=0.2, eps_high=0.2)
+        (grad,) = torch.autograd.grad(loss_BT.sum(), x)
+        results.append((loss_BT.detach(), grad))
+    assert results[0][1][0, :3].abs().sum() > 0  # the case has a gradient to compare
+    for loss_BT, grad in results[1:]:
+        assert torch.isfinite(grad).all() and torch.isfinite(loss_BT).all()
+        torch.testing.assert_close(loss_BT, results[0][0], rtol=0, atol=0)
+        torch.testing.assert_close(grad, results[0][1], rtol=0, atol=0)

@@ -157,7 +157,10 @@ def policy_loss_clipped(
     Where the clip is active (A > 0, r > 1 + eps_high or A < 0, r < 1 - eps_low) the gradient is 0.
     eps_high > eps_low is DAPO's "clip-higher".
     """
-    log_ratio = (logprobs_BT - old_logprobs_BT.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    mask = response_mask_BT.bool()  # padded positions may hold NaN or -inf: keep them out of exp() (above)
+    log_ratio = torch.where(mask, logprobs_BT - old_logprobs_BT.detach(), torch.zeros((), dtype=logprobs_BT.dtype,
+                                                                                     device=logprobs_BT.device))
+    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return _clipped_surrogate(log_ratio, log_ratio, advantages_BT, response_mask_BT, eps_low, eps_high, dual_clip)
 
 
@@ -182,9 +185,14 @@ def policy_loss_clipped_sequence(
     over a row and the seq_mean_token_mean aggregation this is exactly GSPO's grad of -min(s_i A, clip(s_i) A).
     The GSPO paper uses much smaller eps than PPO (eps_low=3e-4, eps_high=4e-4).
     """
-    token_log_ratio = logprobs_BT - old_logprobs_BT.detach()
+    # Padded positions may hold any value (NaN, -inf): they are replaced before any arithmetic, so that no
+    # NaN reaches exp() or its gradient (a mask applied after exp() still multiplies NaN by 0 in backward).
+    mask = response_mask_BT.bool()
+    logp_BT = torch.where(mask, logprobs_BT, torch.zeros((), dtype=logprobs_BT.dtype, device=logprobs_BT.device))
+    old_BT = torch.where(mask, old_logprobs_BT.detach(), torch.zeros_like(logp_BT))
+    token_log_ratio = logp_BT - old_BT
     seq_log_ratio_B = masked_mean(token_log_ratio, response_mask_BT, dim=1).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    log_ratio = seq_log_ratio_B.detach()[:, None] + (logprobs_BT - logprobs_BT.detach())
+    log_ratio = seq_log_ratio_B.detach()[:, None] + (logp_BT - logp_BT.detach())
     return _clipped_surrogate(
         log_ratio, token_log_ratio, advantages_BT, response_mask_BT, eps_low, eps_high, dual_clip
     )
