@@ -170,6 +170,9 @@ class OptimConfig:
     critic_lr: float = F(1e-5, "Critic learning rate (AdamW).", gt=0)
     weight_decay: float = F(0.0, "AdamW weight decay.", ge=0)
     betas: list = F([0.9, 0.999], "AdamW betas.")
+    adam_eps: float = F(1e-8, "AdamW epsilon in the denominator sqrt(v) + eps. It bounds how much a "
+                              "gradient near 0 (float noise, say) can move a weight: by up to lr * g / eps.",
+                        gt=0)
     max_grad_norm: float | None = F(1.0, "Gradient-norm clip (None = off).", gt=0)
     schedule: str = F("constant", "Learning-rate schedule after warm-up.",
                       choices=("constant", "linear", "cosine"))

@@ -116,7 +116,22 @@ def test_unknown_decode_attention_is_refused(tmp_path):
 
 
 def test_auto_uses_matmuls_unless_the_cpu_has_amx(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     for amx in (False, True):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
         assert use_matmul_decode("auto") is (not amx)
         assert use_matmul_decode("matmul") and not use_matmul_decode("model")
+
+
+@pytest.mark.parametrize("cap,amx", [(None, True), ("AVX2", False), ("AVX512_CORE_BF16", False),
+                                     ("AVX512_CORE_AMX", True), ("ALL", True), ("NOT_AN_ISA", False)])
+def test_onednn_isa_cap_hides_amx_from_auto(monkeypatch, cap, amx):
+    """ONEDNN_MAX_CPU_ISA caps what oneDNN uses: a Xeon capped below AMX chooses as a CPU without it."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert use_matmul_decode("auto") is (not amx)

@@ -68,8 +68,9 @@ def use_matmul_decode(choice: str) -> bool:
     if choice not in ("auto", "matmul", "model"):
         raise ValueError(f"decode_attention must be 'auto', 'matmul' or 'model', not {choice!r}")
     if choice == "auto":
-        has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        return not has_amx
+        from tether.rollout.cpu_features import has_amx
+
+        return not has_amx()
     return choice == "matmul"
 
 

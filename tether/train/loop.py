@@ -182,7 +182,7 @@ class Trainer:
                   else [p for p in model.parameters() if p.requires_grad])
         o = self.cfg.optim
         # The fused kernel updates all parameters in one pass (4x faster optimiser step on CPU, measured).
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), eps=o.adam_eps, weight_decay=o.weight_decay,
                                  fused=not (self.dist.enabled and self.cfg.distributed.strategy == "fsdp"))
 
     def _wrap_distributed(self) -> None:
