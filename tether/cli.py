@@ -13,7 +13,8 @@ examples:
   tether train                                    the built-in default: tiny model -> SFT -> PPO on arithmetic
   tether train algorithm.name=grpo                the same pipeline with GRPO
   tether train examples/grpo_math.yaml steps=200  a config file with overrides
-  tether train my.yaml checkpoint.resume=auto     continue from the newest complete checkpoint
+  tether train my.yaml --resume                   continue the run from its newest checkpoint that verifies
+  tether train my.yaml --run-dir runs/a --overwrite   replace the run in runs/a with a new one
 
 Overrides are key.sub=value pairs over the config tree; `tether config` lists every key.
 """
@@ -31,7 +32,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tether.config import deep_merge, load_yaml, parse_overrides, resolve_config
+    from tether.config import ConfigError, deep_merge, load_yaml, parse_overrides, resolve_config
     from tether.pipeline import DEFAULT_JOB, format_summary, run_pipeline
     from tether.train.run import run_training
 
@@ -40,8 +41,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if overrides and "=" not in overrides[0]:
         config_path = overrides.pop(0)
     raw = load_yaml(config_path) if config_path else {}
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in the directory and --overwrite deletes it: choose one")
     if args.resume:
-        overrides.append("checkpoint.resume=auto")
+        overrides.append("checkpoint.resume=latest")
+    if args.overwrite:
+        overrides.append("logging.overwrite=true")
     if args.run_dir:
         overrides.append(f"logging.run_dir={args.run_dir}")
     user = deep_merge(raw, parse_overrides(overrides))
@@ -55,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(user)
     if pipeline:
         if cfg.data.source is not None and not cfg.data.source.startswith("task:"):
-            raise SystemExit("model.path is required when data.source is not a built-in task")
+            raise ConfigError("model.path is required when data.source is not a built-in task")
         summary = run_pipeline(cfg)
         print(format_summary(summary))
         return 0
@@ -132,7 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from tether.logging.report import write_report
 
-    print(write_report(args.run_dir))
+    print(write_report(args.run_dir, must_be_run=True))
     return 0
 
 
@@ -161,7 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("overrides", nargs="*", metavar="[CONFIG.yaml] key=value",
                    help="an optional YAML config, then overrides")
-    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run (logging.run_dir, else the newest run of this config under runs/) "
+                        "from its newest checkpoint that verifies; an error when there is none")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a run directory that holds one, deleting its checkpoints and logs")
     t.add_argument("--run-dir", help="run directory (logging.run_dir)")
     t.set_defaults(func=cmd_train)
 
@@ -217,13 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `tether train my.yaml --resume steps=20`: overrides after a flag are overrides too.
+    if args.command == "train" and extra and not any(x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.verbose)
     from tether.config import ConfigError
     from tether.data import DataError
+    from tether.logging.report import NotARunError
+    from tether.models import ModelLoadError
     from tether.rewards.functions import RewardError
+    from tether.train.checkpoint import CheckpointError, CheckpointWriteError
     from tether.train.loop import TrainingError
 
+    # Each error the user can fix is one line (exit 2); a run that could not go on is exit 1.
     try:
         return args.func(args)
     except ConfigError as e:
@@ -232,6 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 2
+    except ModelLoadError as e:
+        print(f"model error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except NotARunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointWriteError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 1
     except (RewardError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -191,6 +191,10 @@ class OptimConfig:
                                   "pass: the same log-probs and gradients up to float order, for G x fewer "
                                   "prompt positions. The passes do not share under gradient checkpointing.")
     max_bad_steps: int = F(3, "Consecutive non-finite steps tolerated before the run stops.", ge=1)
+    max_weight_growth: float = F(4.0, "A step that changes a model's weight norm by more than this factor "
+                                      "(up or down) is an unstable update: a warning, and from then on the "
+                                      "run's checkpoints are marked unhealthy, so that pruning keeps the last "
+                                      "healthy one.", gt=1)
 
 
 @dataclass
@@ -243,15 +247,25 @@ class LoggingConfig:
     wandb_project: str | None = F(None, "W&B project.")
     report: bool = F(True, "Write report.html at the end.")
     progress: bool = F(True, "Show a live progress bar.")
+    overwrite: bool = F(False, "Start a new run in a logging.run_dir that already holds one, deleting its "
+                               "checkpoints and logs first (`tether train --overwrite`). Without it, such a "
+                               "directory is refused unless the run resumes.")
 
 
 @dataclass
 class CheckpointConfig:
     every: int | None = F(None, "Steps between checkpoints (None = only at the end).", ge=1)
     keep_last: int = F(2, "Complete checkpoints kept.", ge=1)
-    resume: str | None = F(None, "'auto': continue from the newest complete checkpoint of run_dir if "
-                                 "there is one; or a checkpoint path.")
+    resume: str | None = F(None, "'latest' (what `tether train --resume` sets): continue from the newest "
+                                 "checkpoint of the run that verifies, an error if there is none; 'auto': the "
+                                 "same, or start fresh (said in the log) when there is no checkpoint; or a "
+                                 "checkpoint path. Without logging.run_dir, both look for the newest run of "
+                                 "the same config under runs/. None: start a new run, refused when "
+                                 "logging.run_dir already holds one (see logging.overwrite).")
     save_final: bool = F(True, "Save a checkpoint after the last step.")
+    on_write_error: str = F("stop", "A checkpoint that cannot be written (disk full, permissions): 'stop' the "
+                                    "run with an error naming the path and the cause, or 'continue' training "
+                                    "without that checkpoint (a warning).", choices=("stop", "continue"))
 
 
 @dataclass

@@ -167,7 +167,7 @@ def load_prompt_rows(
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[int, str]] = []
     columns_seen: set[str] = set()
-    for row_no, record in reader(path):
+    for row_no, record in _decoded(reader(path), path):
         problem = None
         if isinstance(record, str):
             problem = record
@@ -199,6 +199,16 @@ def load_prompt_rows(
         first = "; ".join(f"row {n}: {reason}" for n, reason in skipped[:3])
         raise DataError(f"{path}: all {len(skipped)} rows are unusable{hint}; first problems: {first}")
     return PromptData(rows=rows, skipped=skipped, source=str(path))
+
+
+def _decoded(records, path: Path):
+    """The reader's records; a text file that is not UTF-8 becomes a DataError naming the file and the byte."""
+    try:
+        yield from records
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} is not valid UTF-8); save "
+                        f"the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > "
+                        f"{path.stem}.utf8{path.suffix}`") from None
 
 
 def _prompt_problem(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -14,6 +15,67 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrai
 log = logging.getLogger("tether")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded; the message names the path and what to do."""
+
+
+def check_model_source(path: str, what: str = "model.path") -> None:
+    """Fail early, naming the path, where Hugging Face's own errors would mislead: a missing local path
+    ("Repo id must be in the form ..."), a directory that is no model ("Should have a model_type key")."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
+            hint = (f"; the model of a checkpoint is its policy/ folder: {p / 'policy'}"
+                    if (p / "policy" / "config.json").is_file() or (p / "policy" / "adapter_config.json").is_file()
+                    else "; point it at the folder that holds config.json and the weights")
+            raise ModelLoadError(f"{what}: {p} has no config.json, so it is not a Hugging Face model directory{hint}")
+        return
+    if p.exists():
+        raise ModelLoadError(f"{what}: {p} is a file; give the model's directory (config.json and weights)")
+    if not _HUB_ID.match(str(path)) or str(path).startswith((".", "~")) or str(path).count("/") > 1:
+        raise ModelLoadError(f"{what}: {path} does not exist (neither a local directory nor a hub model name)")
+
+
+@contextlib.contextmanager
+def _loading(path: str, what: str):
+    """Turn Hugging Face's loading errors into one line that names the path and the remedy."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        if "trust_remote_code" in text:
+            raise ModelLoadError(f"{what}: {path} needs code from its repository (a custom architecture); "
+                                 "tether runs none unless model.trust_remote_code=true, which runs that code: "
+                                 "set it only for a model you trust") from e
+        damaged = _damaged_weights(Path(path))
+        if damaged:
+            raise ModelLoadError(f"{what}: {damaged}") from e
+        if not Path(path).expanduser().exists():
+            raise ModelLoadError(f"{what}: {path} is not a local directory, and loading it from the hub failed "
+                                 f"({first})") from e
+        raise ModelLoadError(f"{what}: {path} could not be loaded ({type(e).__name__}: {first})") from e
+
+
+def _damaged_weights(directory: Path) -> str | None:
+    """The first weights file in `directory` that safetensors cannot open, in words; None if all open."""
+    if not directory.is_dir():
+        return None
+    from safetensors import safe_open
+
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return f"{file} is damaged or truncated ({first})"
+    return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,7 +91,9 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedT
     tensor carries an explicit attention / completion mask and completions end at their first EOS, so the
     pad id is never read as data; adding a new token would instead change the vocabulary and the model.
     """
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    check_model_source(path)
+    with _loading(path, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ValueError(f"tokenizer of {path} has neither a pad token nor an EOS token; give it a pad "
@@ -53,10 +117,22 @@ def _disable_dropout(model: nn.Module) -> None:
 
 def load_causal_lm(path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
                    device: torch.device | str = "cpu", disable_dropout: bool = True) -> nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    check_model_source(path)
+    with _loading(path, "model"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     if disable_dropout:
         _disable_dropout(model)
     return model.to(device)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when the model's parameters are FSDP2 DTensor shards (never on a torch build without
+    distributed support)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -134,7 +210,9 @@ class ValueModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
                         disable_dropout: bool = True) -> "ValueModel":
-        backbone = AutoModel.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        check_model_source(path, "critic")
+        with _loading(path, "critic"):
+            backbone = AutoModel.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         if disable_dropout:
             _disable_dropout(backbone)
         return cls(backbone, hidden_size(backbone)).to(DTYPES[dtype])

@@ -90,7 +90,7 @@ def test_round_trip(tmp_path, tie):
     )
     assert path == tmp_path / "checkpoints" / "step-000010"
     assert sorted(p.name for p in path.iterdir()) == [
-        "COMPLETE", "critic", "optimizers.pt", "policy", "rng.pt", "schedulers.pt", "trainer_state.json",
+        "COMPLETE", "MANIFEST.json", "critic", "optimizers.pt", "policy", "rng.pt", "schedulers.pt", "trainer_state.json",
     ]
     expected_draws = draws()
 

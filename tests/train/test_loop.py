@@ -235,11 +235,21 @@ def test_minibatches_must_divide_batch(llama):
         make_trainer(llama, "ppo", **{"algorithm.minibatches": 5})
 
 
-def test_prompt_longer_than_context_is_a_clear_error(llama):
-    rows = [{"prompt": "x" * 300}]  # the tiny model's context is 256 positions
-    t = make_trainer(llama, "grpo", rows=rows, **{"rollout.prompts_per_step": 1})
-    with pytest.raises(ValueError, match="context window is 256"):
-        t.step()
+def test_prompts_longer_than_the_context_are_skipped_or_a_clear_error(llama, caplog):
+    """Checked when the trainer is built, on the tokens the sampler will feed (the tiny model's context is 256
+    positions): data.on_bad_row=skip (the default) drops them with one warning, =error names the row."""
+    from tether.data import DataError
+
+    rows = [{"prompt": "x" * 300}, {"prompt": "12+7="}]
+    with caplog.at_level("WARNING", logger="tether"):
+        t = make_trainer(llama, "grpo", rows=rows, **{"rollout.prompts_per_step": 1})
+    assert [r["prompt"] for r in t.rows] == ["12+7="]
+    assert "skipped 1 of 2 prompts" in caplog.text and "context window of 256 tokens" in caplog.text
+    t.step()
+    with pytest.raises(DataError, match=r"row 0: prompt of 30\d tokens does not fit the context window of 256"):
+        make_trainer(llama, "grpo", rows=rows, **{"rollout.prompts_per_step": 1, "data.on_bad_row": "error"})
+    with pytest.raises(DataError, match="all 1 prompts are too long"):
+        make_trainer(llama, "grpo", rows=rows[:1], **{"rollout.prompts_per_step": 1})
 
 
 def test_token_budget_micro_batches_give_the_same_update(llama):

@@ -358,11 +358,23 @@ def _samples_section(samples: list[dict]) -> str:
     )
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``run_dir/report.html`` (and its plots under ``run_dir/plots/``) from the run's logs; returns its path."""
+class NotARunError(ValueError):
+    """`tether report` was pointed at a directory that no training run wrote."""
+
+
+def write_report(run_dir: str | Path, *, must_be_run: bool = False) -> Path:
+    """Write ``run_dir/report.html`` (and its plots under ``run_dir/plots/``) from the run's logs; returns its path.
+
+    ``must_be_run``: refuse, writing nothing, a directory without the logs of a run (metrics.jsonl or
+    config.yaml), where a report would only litter someone else's folder."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
+        if must_be_run:
+            raise NotARunError(f"{run_dir}: no such run directory")
         raise FileNotFoundError(f"{run_dir}: run directory not found")
+    if must_be_run and not ((run_dir / METRICS_FILE).is_file() or (run_dir / "config.yaml").is_file()):
+        raise NotARunError(f"{run_dir} is not a run directory (no {METRICS_FILE} or config.yaml): give the "
+                           "directory a training run wrote, e.g. runs/<time>-<algorithm>")
     by_step = _metrics_by_step(read_jsonl(run_dir / METRICS_FILE))
     samples = read_jsonl(run_dir / SAMPLES_FILE)
     config, raw_config = _load_config(run_dir)

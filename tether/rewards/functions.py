@@ -115,6 +115,9 @@ def _load_module(target: str, spec: str):
             return importlib.import_module(target)
         except ModuleNotFoundError as e:
             raise ValueError(f"reward function spec {spec!r}: module {target!r} not found ({e})") from e
+        except SyntaxError as e:
+            raise ValueError(f"reward function spec {spec!r}: {e.filename}, line {e.lineno}: syntax error: "
+                             f"{e.msg}") from None
 
     path = Path(target).expanduser().resolve()
     if not path.is_file():
@@ -133,6 +136,13 @@ def _load_module(target: str, spec: str):
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        del sys.modules[name]
+        raise ValueError(f"reward function spec {spec!r}: {path}, line {e.lineno}: syntax error: {e.msg}") from None
+    except Exception as e:
+        del sys.modules[name]
+        raise ValueError(f"reward function spec {spec!r}: importing {path} raised "
+                         f"{type(e).__name__}: {e}") from e
     except BaseException:
         del sys.modules[name]
         raise

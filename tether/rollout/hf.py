@@ -26,7 +26,7 @@ from tether.rollout.decode_attention import installed as matmul_decode_installed
 from tether.rollout.decode_attention import use_matmul_decode
 from tether.rollout.packed_linears import installed as packed_linears_installed
 from tether.rollout.shared_prompts import CACHE_KWARG, prefill_shared_prompts
-from tether.train.distributed import is_sharded
+from tether.models import is_sharded
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, chat_template: bool,
@@ -41,6 +41,16 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, ch
     else:
         enc = tokenizer(prompts, padding=True, return_tensors="pt")
     return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def prompt_token_count(tokenizer: PreTrainedTokenizerBase, prompt: str, *, chat_template: bool) -> int:
+    """How many tokens `prompt` takes in the sampler's input: after the chat template when it applies, with
+    the special tokens the tokenizer adds, as `encode_prompts` feeds it."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+    return len(tokenizer(prompt).input_ids)
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> list[int]:

@@ -8,7 +8,8 @@ Layout of one checkpoint::
         optimizers.pt         {name: optimizer.state_dict()}
         schedulers.pt         {name: scheduler.state_dict()}
         trainer_state.json    {"step": 10, ...caller's JSON state: KL controller, sampler position, config hash}
-        rng.pt                python / numpy / torch (CPU and CUDA) RNG states
+        rng.pt                python / numpy / torch (CPU and CUDA) RNG states, one set per rank
+        MANIFEST.json         {relative path: {"size": bytes, "sha256": hex}} of every file above
         COMPLETE              written last
 
 Why it can't be corrupted by a crash: everything is written into a hidden ``.tmp-step-000010-<random>`` directory,
@@ -20,12 +21,20 @@ old copy back. Old checkpoints are pruned by renaming them to ``.trash-...`` bef
 checkpoint never looks like a real one. A lock file (flock, released by the OS even on SIGKILL) keeps the cleanup of
 leftovers from deleting the temporary directory of a save that is still running in another process.
 
+A checkpoint can still be damaged after it was written (a disk fault, a copy cut short, a file truncated by hand):
+``verify_checkpoint`` checks every file against the manifest, and ``resumable_checkpoints`` lists the run's
+checkpoints newest first with the reason each one that fails is skipped, so a resume falls back to the newest one
+that verifies. A save that fails (disk full, permissions) raises ``CheckpointWriteError`` with the path and the
+cause, after removing its temporary directory; earlier checkpoints are never touched before the new one is complete.
+
 Everything loaded with torch.load uses ``weights_only=True``, so a checkpoint can't run code when loaded.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import inspect
 import json
 import os
@@ -52,6 +61,7 @@ TRAINER_STATE = "trainer_state.json"
 OPTIMIZERS = "optimizers.pt"
 SCHEDULERS = "schedulers.pt"
 RNG = "rng.pt"
+MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _OLD_DIR = re.compile(r"^\.old-(step-\d+)-[0-9a-f]+$")
 _LEFTOVER = re.compile(r"^\.(tmp|old|trash)-")
@@ -60,6 +70,10 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 class CheckpointError(ValueError):
     """A checkpoint is incomplete or doesn't match the models it is being loaded into."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, no permission); the earlier ones are intact."""
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -82,6 +96,48 @@ def _fsync_tree(root: Path) -> None:
         for name in filenames:
             _fsync_path(Path(dirpath) / name)
         _fsync_path(Path(dirpath))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(root: Path) -> dict[str, dict]:
+    """Size and SHA-256 of every file under `root`, by path relative to it."""
+    out = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            out[path.relative_to(root).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return dict(sorted(out.items()))
+
+
+def verify_checkpoint(path: str | Path, *, hashes: bool = True) -> str | None:
+    """None when the checkpoint at `path` is complete and every file matches its manifest; otherwise the first
+    problem found, in words. A checkpoint written before manifests existed is checked for COMPLETE alone."""
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        return f"no {COMPLETE} marker (the save did not finish)"
+    if not (path / MANIFEST).is_file():
+        return None
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return f"{MANIFEST} is unreadable ({e})"
+    for rel, want in manifest.items():
+        file = path / rel
+        if not file.is_file():
+            return f"{rel} is missing"
+        size = file.stat().st_size
+        if size != want["size"]:
+            return f"{rel} is {size} bytes, the manifest says {want['size']} (truncated or damaged)"
+        if hashes and _sha256(file) != want["sha256"]:
+            return f"{rel} does not match its SHA-256 in the manifest (damaged)"
+    return None
 
 
 @contextmanager
@@ -181,8 +237,22 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     for name in files:
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory}: shard {name} listed in the index is missing")
-        weights.update(load_file(directory / name))
+        with _reading(directory / name):
+            weights.update(load_file(directory / name))
     return weights
+
+
+@contextmanager
+def _reading(what: Path) -> Iterator[None]:
+    """Name the file when reading it fails: a truncated safetensors or zip file raises the library's own error
+    (SafetensorError, 'PytorchStreamReader failed ...'), which names none."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader's failure means the same thing here: damaged
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{what}: cannot be read, damaged or truncated ({type(e).__name__}: {first})") from e
 
 
 def _tied_partners(model: nn.Module) -> dict[str, set[str]]:
@@ -219,7 +289,9 @@ def _load_weights(model: nn.Module, directory: Path) -> None:
             raise CheckpointError(f"{directory}: the model is a peft model but there is no adapter_model.safetensors")
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(adapter))
+        with _reading(adapter):
+            adapter_weights = load_file(adapter)
+        result = set_peft_model_state_dict(model, adapter_weights)
         if result.unexpected_keys:
             raise CheckpointError(f"{adapter}: adapter weights the model doesn't have: {result.unexpected_keys[:5]}")
         return
@@ -250,8 +322,15 @@ def _load_weights(model: nn.Module, directory: Path) -> None:
 # ------------------------------------------------------------------------------------------------------------- RNG
 
 
-def _rng_state() -> dict[str, Any]:
-    # Only plain Python values and tensors, so torch.load(weights_only=True) can read it back.
+def _is_healthy(path: Path) -> bool:
+    try:
+        return json.loads((path / TRAINER_STATE).read_text()).get("healthy", True) is True
+    except (OSError, ValueError):
+        return False
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch CPU and CUDA), in a form torch.load(weights_only) reads."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     try:
         import numpy as np
@@ -298,6 +377,7 @@ def save_checkpoint(
     keep_last: int | None = 3,
     tokenizer: Any = None,
     model_states: dict[str, dict[str, torch.Tensor]] | None = None,
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Atomically write the checkpoint for ``step`` to ``run_dir/checkpoints/step-NNNNNN/`` and return its path.
 
@@ -307,6 +387,9 @@ def save_checkpoint(
     newest ``keep_last`` checkpoints are kept (None keeps all); the one just written is never pruned.
     ``model_states`` optionally gives already-gathered state dicts (sharded training) for some of the models; those
     are written as a plain model.safetensors instead of calling the module's save_pretrained.
+    ``rng_states``: one RNG state per data-parallel rank (``rng_state()`` on each), rank order; default: this
+    process's. Pruning never removes the newest checkpoint whose state says ``"healthy": True``, so a run whose
+    last updates blew up keeps one checkpoint from before that.
     """
     optimizers = optimizers or {}
     schedulers = schedulers or {}
@@ -334,8 +417,8 @@ def save_checkpoint(
     final = root / name
     with _lock(root, blocking=True):
         tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             for model_name, model in models.items():
                 if model_states and model_name in model_states:
                     _save_state_dict(model_states[model_name], tmp / model_name)
@@ -345,15 +428,20 @@ def save_checkpoint(
                 tokenizer.save_pretrained(str(tmp / ("policy" if "policy" in models else "tokenizer")))
             torch.save({k: opt.state_dict() for k, opt in optimizers.items()}, tmp / OPTIMIZERS)
             torch.save({k: sch.state_dict() for k, sch in schedulers.items()}, tmp / SCHEDULERS)
-            torch.save(_rng_state(), tmp / RNG)
+            torch.save({"ranks": rng_states or [rng_state()]}, tmp / RNG)
             (tmp / TRAINER_STATE).write_text(state_json + "\n")
             _fsync_tree(tmp)
+            # The manifest is read back from disk, so it describes what was written, not what was meant.
+            (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1) + "\n")
+            _fsync_path(tmp / MANIFEST)
             # COMPLETE goes last, after everything else is on disk: its presence is the promise that all of it is.
             (tmp / COMPLETE).write_text(f"step {step}\n")
             _fsync_path(tmp / COMPLETE)
             _fsync_path(tmp)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointWriteError):
+                raise _write_error(final, root, e) from e
             raise
 
         if final.exists():  # re-saving a step: move the old copy aside, move the new one in, then delete the old
@@ -367,10 +455,38 @@ def save_checkpoint(
             _fsync_path(root)
 
         if keep_last is not None:
-            for _, path in _complete_checkpoints(root)[:-keep_last]:
-                if path != final:
+            found = [path for _, path in _complete_checkpoints(root)]
+            healthy = [path for path in found if _is_healthy(path)]
+            keep = set(found[-keep_last:]) | {final} | set(healthy[-1:])
+            for path in found:
+                if path not in keep:
                     _remove_dir(path, root)
     return final
+
+
+def _write_error(final: Path, root: Path, cause: BaseException) -> CheckpointWriteError:
+    """One line naming the checkpoint, the cause and the free space, and what is still there."""
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC or "unexpected pos" in text:
+        text = f"the disk is full ({text})"  # torch's zip writer reports a full disk as an 'unexpected pos'
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    kept = [p.name for _, p in _complete_checkpoints(root)] if root.is_dir() else []
+    intact = f"earlier checkpoints intact: {', '.join(kept)}" if kept else "no earlier checkpoint"
+    err = CheckpointWriteError(f"could not write checkpoint {final}: {text}; {free}; {intact}")
+    err.errno = getattr(cause, "errno", None)
+    return err
+
+
+def resumable_checkpoints(run_dir: str | Path, *, hashes: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The run's checkpoints that verify, newest first, and those that don't with the reason."""
+    good, bad = [], []
+    for path in reversed(complete_checkpoints(run_dir)):
+        problem = verify_checkpoint(path, hashes=hashes)
+        (bad.append((path, problem)) if problem else good.append(path))
+    return good, bad
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -405,17 +521,20 @@ def load_checkpoint(
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
     schedulers: dict[str, Any] | None = None,
     restore_rng: bool = True,
+    rank: int = 0,
 ) -> dict[str, Any]:
     """Load a checkpoint into existing modules, optimizers and schedulers in place; returns the trainer state.
 
     Only the models named in ``models`` are loaded (a checkpoint may hold more). Weights must match exactly: a
     weight in the checkpoint that the model lacks is an error, and so is a missing weight unless it is tied to one
-    that was loaded. The returned dict is trainer_state.json, including ``"step"``.
+    that was loaded. The returned dict is trainer_state.json, including ``"step"``. ``restore_rng`` restores
+    rank ``rank``'s RNG states where the checkpoint has them (see `restore_rank_rng`).
     """
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
-    state = json.loads((path / TRAINER_STATE).read_text())
+    with _reading(path / TRAINER_STATE):
+        state = json.loads((path / TRAINER_STATE).read_text())
 
     for name, model in models.items():
         if not (path / name).is_dir():
@@ -426,15 +545,29 @@ def load_checkpoint(
     for filename, objects in ((OPTIMIZERS, optimizers), (SCHEDULERS, schedulers)):
         if not objects:
             continue
-        saved = torch.load(path / filename, map_location="cpu", weights_only=True)
+        with _reading(path / filename):
+            saved = torch.load(path / filename, map_location="cpu", weights_only=True)
         for name, obj in objects.items():
             if name not in saved:
                 raise CheckpointError(f"{path / filename}: no entry {name!r} (it has: {', '.join(saved) or 'none'})")
             obj.load_state_dict(saved[name])  # an optimizer moves its state to its parameters' device itself
 
     if restore_rng:
-        _restore_rng(torch.load(path / RNG, weights_only=True))
+        restore_rank_rng(path, rank)
     return state
+
+
+def restore_rank_rng(path: str | Path, rank: int = 0) -> bool:
+    """Restore rank `rank`'s RNG states from a checkpoint; False (nothing restored) when the checkpoint was
+    written at fewer ranks and holds none for it."""
+    path = Path(path)
+    with _reading(path / RNG):
+        saved = torch.load(path / RNG, weights_only=True)
+    per_rank = saved["ranks"] if "ranks" in saved else [saved]  # older checkpoints: one process's state
+    if rank >= len(per_rank):
+        return False
+    _restore_rng(per_rank[rank])
+    return True
 
 
 class GracefulStop:

@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from tether.models import is_sharded
+
 
 class Dist:
     def __init__(self) -> None:
@@ -68,6 +70,14 @@ class Dist:
         k = n // self.world_size
         return items[self.rank * k:(self.rank + 1) * k]
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -122,16 +132,6 @@ def split_to_count(parts: list[torch.Tensor], n: int) -> list[torch.Tensor]:
 
 # ----------------------------------------------------------------------------------------------------------
 # Sharded (FSDP2) models: whole-model state for checkpoints that load at any number of ranks
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """True when the model's parameters are FSDP2 DTensor shards (never on a torch build without
-    distributed support)."""
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def full_state_dict(model: torch.nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:

@@ -65,6 +65,14 @@ def configure_process(cfg: TrainConfig) -> None:
         keep_freed_memory()
 
 
+def rank_seed(seed: int, rank: int, *extra: int) -> int:
+    """The seed of rank `rank`: `seed` itself on rank 0 (one process runs exactly as it always has), a
+    distinct stream on every other rank, so that ranks do not draw the same sampling noise."""
+    if rank == 0 and not extra:
+        return seed
+    return int(np.random.SeedSequence([seed, rank, *extra]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -79,7 +87,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist or Dist()
         configure_process(cfg)
-        seed_everything(cfg.seed)
+        seed_everything(rank_seed(cfg.seed, self.dist.rank))
         self.device = M.resolve_device(cfg.device)
         self.run_dir = Path(run_dir) if run_dir else None
         a, m = cfg.algorithm, cfg.model
@@ -164,12 +172,16 @@ class Trainer:
         self.reward = reward_fn
         from tether.data import PromptSampler
 
+        rows = self._rows_that_fit(rows)
         self.rows = rows
         self.sampler = PromptSampler(rows, batch_size=cfg.rollout.prompts_per_step, seed=cfg.seed,
                                      shuffle=cfg.data.shuffle)
         self.step_count = 0
         self._first_step_memory_released = False
         self.bad_steps = 0
+        self.unscored_steps = 0
+        self.healthy = True  # no update so far has blown the weights up (see _check_weight_norms)
+        self.weight_norms: dict[str, float] = {}
         if self.run_dir is not None and self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
@@ -293,7 +305,6 @@ class Trainer:
         n_groups = 0
         for round_ in range(1 + (a.max_filter_rounds if a.filter_groups else 0)):
             rows = self.dist.shard(self.sampler.next_batch(), 1)
-            self._check_prompt_lengths(rows)
             t0 = time.perf_counter()
             rollout = self.backend.generate(rows, [row["prompt"] for row in rows], group_size=r.group_size)
             self.timing["generate"] += time.perf_counter() - t0
@@ -315,16 +326,35 @@ class Trainer:
                                 "(algorithm.filter_groups): nothing to learn from; check the reward")
         return rollout
 
-    def _check_prompt_lengths(self, rows: list[dict]) -> None:
-        if self.context_window is None:
-            return
-        limit = self.cfg.rollout.max_prompt_tokens or (self.context_window - self.cfg.rollout.max_new_tokens)
-        for row in rows:
-            n = len(self.tokenizer(row["prompt"]).input_ids)
-            if n > limit:
-                raise ValueError(f"prompt of {n} tokens does not fit: the context window is "
-                                 f"{self.context_window} tokens and rollout.max_new_tokens is "
-                                 f"{self.cfg.rollout.max_new_tokens} (limit {limit}): {row['prompt'][:60]!r}...")
+    def _rows_that_fit(self, rows: list[dict]) -> list[dict]:
+        """The rows whose prompt, as the sampler will feed it (chat template included), leaves room for
+        rollout.max_new_tokens in the context window (or is within rollout.max_prompt_tokens). The others are
+        skipped with one warning, or are a DataError under data.on_bad_row=error, before anything runs."""
+        from tether.data import DataError
+        from tether.rollout.hf import prompt_token_count
+
+        r = self.cfg.rollout
+        if self.context_window is None and not r.max_prompt_tokens:
+            return rows
+        limit = r.max_prompt_tokens or (self.context_window - r.max_new_tokens)
+        why = (f"rollout.max_prompt_tokens={limit}" if r.max_prompt_tokens else
+               f"the context window of {self.context_window} tokens less rollout.max_new_tokens={r.max_new_tokens}")
+        kept, too_long = [], []
+        for i, row in enumerate(rows):
+            n = prompt_token_count(self.tokenizer, row["prompt"], chat_template=self.cfg.model.chat_template)
+            if n <= limit:
+                kept.append(row)
+                continue
+            problem = f"row {i}: prompt of {n} tokens does not fit {why} (limit {limit}): {row['prompt'][:60]!r}"
+            if self.cfg.data.on_bad_row == "error":
+                raise DataError(f"{problem}; shorten it, raise the limit, or set data.on_bad_row=skip")
+            too_long.append(problem)
+        if not kept:
+            raise DataError(f"all {len(rows)} prompts are too long: {too_long[0]}")
+        if too_long:
+            log.warning("skipped %d of %d prompts that do not fit (data.on_bad_row=skip); first: %s",
+                        len(too_long), len(rows), too_long[0])
+        return kept
 
     def score(self, rollout: Rollout) -> None:
         columns: dict[str, list] = {}
@@ -625,19 +655,25 @@ class Trainer:
         rollout = self.collect()
         B = len(rollout)
         first_epoch_order = self._minibatch_order(B, epoch=0)
-
         acc = StatAccumulator()
-        t0 = time.perf_counter()
-        self.reference_passes(rollout, first_epoch_order, acc)
-        self.timing["logprobs"] = time.perf_counter() - t0
 
-        self.compute_advantages(rollout, stats)
+        if self._nothing_scored(rollout):
+            # Every advantage would be 0: an update would follow the KL and entropy terms alone, away from
+            # nothing the reward said. Skip it, say so, and stop if it goes on (_check_unscored).
+            stats.update({"update/epochs_done": 0, "update/optimizer_steps": 0, "update/skipped": 0,
+                          "update/early_stopped": 0.0, "update/unscored": 1.0})
+        else:
+            t0 = time.perf_counter()
+            self.reference_passes(rollout, first_epoch_order, acc)
+            self.timing["logprobs"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        stats.update(self.update(rollout, first_epoch_order, acc))
-        self.backend.sync_weights(self.policy)  # a no-op for HF generate; vLLM gets the new weights
-        self.timing["update"] = time.perf_counter() - t0
-        stats.update(acc.result())
+            self.compute_advantages(rollout, stats)
+
+            t0 = time.perf_counter()
+            stats.update(self.update(rollout, first_epoch_order, acc))
+            self.backend.sync_weights(self.policy)  # a no-op for HF generate; vLLM gets the new weights
+            self.timing["update"] = time.perf_counter() - t0
+        stats.update(acc.result(self.dist))  # per-token figures of the whole batch, not rank 0's share
 
         # Adaptive beta from the KL per token measured on this batch (Ziegler et al. 2019).
         if "kl/ref_per_token" in stats:
@@ -651,6 +687,7 @@ class Trainer:
         stats["throughput/tokens_per_s"] = stats["completion/tokens"] / max(stats["time/step"], 1e-9)
         stats["optim/lr"] = self.schedulers["policy"].get_last_lr()[0]
         self._check_finite_step(stats)
+        stats.update(self._check_weight_norms())
         if self.cfg.keep_freed_memory and not self._first_step_memory_released:
             # The first step's garbage (compilation above all) is one-off: hand it back, keep the rest.
             gc.collect()
@@ -671,24 +708,27 @@ class Trainer:
         var = (s[1] / n_valid.clamp(min=1) - mean**2).clamp(min=0)
         adv_mask = mask * valid.unsqueeze(-1)
         adv = rollout.advantages_BT
+        inf = torch.tensor(math.inf)
+        lo = d.min(scores.min() if len(scores) else inf).item()  # a rank with no score defers to the others
+        hi = d.max(scores.max() if len(scores) else -inf).item()
+        # No sample scored: the reward figures are missing (not 0), so no curve shows a reward never measured.
+        rewards = {} if n_valid.item() == 0 else {"reward/mean": mean.item(), "reward/std": var.sqrt().item(),
+                                                  "reward/min": lo, "reward/max": hi}
         out = {
-            "reward/mean": mean.item(), "reward/std": var.sqrt().item(),
-            "reward/min": d.min(scores.min() if len(scores) else torch.tensor(math.nan)).item(),
-            "reward/max": d.max(scores.max() if len(scores) else torch.tensor(math.nan)).item(),
+            **rewards,
             "reward/valid_frac": (n_valid / s[4]).item(),
             "completion/length_mean": (s[2] / s[4]).item(),
             "completion/length_max": d.max(lengths.max()).item(),
             "completion/truncated_frac": (s[3] / s[4]).item(),
             "completion/tokens": s[2].item(),
-            "advantages/mean": masked_mean(adv, adv_mask).item() if adv_mask.sum() > 0 else 0.0,
-            "advantages/std": masked_mean((adv - masked_mean(adv, adv_mask)) ** 2, adv_mask).sqrt().item()
-            if adv_mask.sum() > 0 else 0.0,
         }
+        if adv is not None:
+            out.update(self._advantage_stats(adv, adv_mask))
         if self.cfg.algorithm.filter_groups:
             out["rollout/filtered_groups"] = float(self.filtered_groups)
         if rollout.returns_BT is not None and rollout.old_values_BT is not None:
-            out["value/explained_variance"] = explained_variance(rollout.old_values_BT, rollout.returns_BT,
-                                                                 mask).item()
+            out["value/explained_variance"] = self._explained_variance(rollout.old_values_BT, rollout.returns_BT,
+                                                                       mask)
         # The scorer's figures describe this rank's rows (every rank holds as many): average them over
         # ranks, and keep the global reward/mean and reward/std computed above.
         rs = dict(rollout.reward_stats)
@@ -699,9 +739,49 @@ class Trainer:
         out = {**rs, **out}
         return out
 
+    def _advantage_stats(self, adv: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+        """Mean and (population) std of the advantages over the batch's scored completion tokens, all ranks."""
+        if not self.dist.enabled:
+            if mask.sum() == 0:
+                return {"advantages/mean": 0.0, "advantages/std": 0.0}
+            mean = masked_mean(adv, mask)
+            return {"advantages/mean": mean.item(),
+                    "advantages/std": masked_mean((adv - mean) ** 2, mask).sqrt().item()}
+        s = self.dist.sum(torch.stack([(adv * mask).sum(), (adv * adv * mask).sum(), mask.sum()]).double())
+        n = s[2].clamp(min=1)
+        mean = s[0] / n
+        return {"advantages/mean": mean.item(), "advantages/std": (s[1] / n - mean**2).clamp(min=0).sqrt().item()}
+
+    def _explained_variance(self, values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+        """1 - Var[R - V] / Var[R] over the masked tokens of every rank (unbiased variances)."""
+        if not self.dist.enabled:
+            return explained_variance(values, returns, mask).item()
+        v, R = values.detach().double(), returns.detach().double()
+        d = R - v
+        s = self.dist.sum(torch.stack([(R * mask).sum(), (R * R * mask).sum(), (d * mask).sum(),
+                                       (d * d * mask).sum(), mask.double().sum()]))
+        n = s[4]
+        var_R = (s[1] - s[0] ** 2 / n) / (n - 1).clamp(min=1)
+        var_d = (s[3] - s[2] ** 2 / n) / (n - 1).clamp(min=1)
+        return (1.0 - var_d / var_R).item() if var_R > 0 else math.nan
+
+    def _nothing_scored(self, rollout: Rollout) -> bool:
+        if self.dist.sum(rollout.valid_B.sum().float()).item() > 0:
+            self.unscored_steps = 0
+            return False
+        self.unscored_steps += 1
+        log.warning("step %d: the reward scored none of the %d samples (every score None); no update this "
+                    "step (%d in a row)", self.step_count + 1, len(rollout) * self.dist.world_size,
+                    self.unscored_steps)
+        if self.unscored_steps >= self.cfg.optim.max_bad_steps:
+            raise TrainingError(f"the reward scored no sample in {self.unscored_steps} consecutive steps: check "
+                                "that the reward functions return numbers for these completions (None means "
+                                "'no opinion') and that the dataset has the columns they read")
+        return True
+
     def _check_finite_step(self, stats: dict) -> None:
-        if stats["update/optimizer_steps"] > 0:
-            self.bad_steps = 0
+        if stats["update/optimizer_steps"] > 0 or stats.get("update/unscored"):
+            self.bad_steps = 0 if stats["update/optimizer_steps"] > 0 else self.bad_steps
             return
         self.bad_steps += 1
         cause = getattr(self, "last_bad_cause", "non-finite loss")
@@ -712,12 +792,38 @@ class Trainer:
                                 "before anything is corrupted. Lower optim.lr, check the reward scale, or "
                                 "use model.dtype=float32.")
 
+    def _weight_norm(self, module: torch.nn.Module) -> float:
+        local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in module.parameters()]
+        sq = torch.stack([n.float() for n in torch._foreach_norm(local)]).square().sum() if local else torch.zeros(())
+        if getattr(self, "_skeletons", None):  # FSDP: each rank holds a shard of every parameter
+            sq = self.dist.sum(sq)
+        return sq.sqrt().item()
+
+    def _check_weight_norms(self) -> dict[str, float]:
+        """||theta|| of each trained model, and a warning when one step changed it by more than
+        optim.max_weight_growth: an update that is finite but absurd (an lr orders of magnitude too high) ruins
+        the weights without tripping the non-finite check. From then on the run is unhealthy: its checkpoints
+        say so, and pruning keeps the newest healthy one."""
+        out, growth = {}, self.cfg.optim.max_weight_growth
+        for name, module in self._checkpointed_models().items():
+            norm, prev = self._weight_norm(module), self.weight_norms.get(name)
+            out[f"optim/weight_norm_{name}"] = norm
+            if prev and (not math.isfinite(norm) or not prev / growth <= norm <= prev * growth):
+                if self.healthy:
+                    log.warning("step %d: the %s's weight norm went from %.4g to %.4g in one step: the update is "
+                                "unstable (optim.lr=%g); checkpoints from here on are marked unhealthy and the "
+                                "last healthy one is kept", self.step_count, name, prev, norm, self.cfg.optim.lr)
+                self.healthy = False
+            self.weight_norms[name] = norm
+        return out
+
     # ------------------------------------------------------------------------------------------------------
     # checkpoints
 
     def state(self) -> dict:
         return {"step": self.step_count, "sampler": self.sampler.state_dict(),
-                "kl_controller": self.kl_ctl.state_dict(), "bad_steps": self.bad_steps}
+                "kl_controller": self.kl_ctl.state_dict(), "bad_steps": self.bad_steps,
+                "healthy": self.healthy, "weight_norms": self.weight_norms}
 
     def save(self, keep_last: int) -> Path | None:
         """Write a checkpoint from rank 0 only; every rank must call this (and waits until it is written).
@@ -727,8 +833,9 @@ class Trainer:
         gathered on rank 0 (collectives on every rank), into plain stand-ins the checkpoint code reads.
         With LoRA the policy checkpoint is the adapter alone.
         """
-        from tether.train.checkpoint import save_checkpoint
+        from tether.train.checkpoint import rng_state, save_checkpoint
 
+        rng_states = self.dist.gather_objects(rng_state())  # each rank resumes its own sampling stream
         if self.run_dir is None:
             self.dist.barrier()
             return None
@@ -741,7 +848,7 @@ class Trainer:
             with self._full_precision_models():  # master weights: the checkpoint holds the fp32 masters
                 path = save_checkpoint(self.run_dir, self.step_count, models=models, optimizers=optimizers,
                                        schedulers=self.schedulers, state=self.state(), keep_last=keep_last,
-                                       tokenizer=self.tokenizer)
+                                       tokenizer=self.tokenizer, rng_states=rng_states)
         self.dist.barrier()
         return path
 
@@ -779,7 +886,7 @@ class Trainer:
     def load(self, path: str | Path) -> None:
         """Resume from a checkpoint written at any number of ranks. Every rank reads it: DDP replicas load
         the same weights; FSDP2 ranks read it into plain stand-ins and keep their own shards of it."""
-        from tether.train.checkpoint import load_checkpoint
+        from tether.train.checkpoint import load_checkpoint, restore_rank_rng
 
         models = self._checkpointed_models()
         optimizers = self.optimizers
@@ -794,13 +901,20 @@ class Trainer:
                           for name, m in models.items()}
         with self._full_precision_models(load=True):
             state = load_checkpoint(path, models=models, optimizers=optimizers, schedulers=self.schedulers,
-                                    restore_rng=True)
+                                    restore_rng=False)
         if sharded:
             self._scatter_loaded(models, optimizers)
         self.step_count = int(state["step"])
+        if not restore_rank_rng(path, self.dist.rank):
+            # Written at fewer ranks: this rank starts a stream of its own, fixed by (seed, rank, step).
+            seed_everything(rank_seed(self.cfg.seed, self.dist.rank, self.step_count))
+            log.info("rank %d: no RNG state in %s (written at fewer ranks); reseeded from (seed, rank, step)",
+                     self.dist.rank, path)
         self.sampler.load_state_dict(state["sampler"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.bad_steps = int(state.get("bad_steps", 0))
+        self.healthy = bool(state.get("healthy", True))
+        self.weight_norms = {k: float(v) for k, v in state.get("weight_norms", {}).items()}
         self.backend.sync_weights(self.policy)
 
     def _scatter_loaded(self, plain_models: dict, plain_opts: dict) -> None:

@@ -29,8 +29,141 @@ class RunResult:
     trainer: Trainer | None = field(default=None, repr=False)
 
 
+RUNS_DIR = Path("runs")
+# Files and folders a run writes into its directory: what `logging.overwrite` deletes, and nothing else.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "samples.jsonl", "tensorboard", "plots", "report.html",
+             "summary.json", "pipeline.json", "config.yaml", "wandb_run_id")
+# Config keys that may differ between a run and its continuation.
+_RESUME_FREE_KEYS = (("logging", "run_dir"), ("logging", "overwrite"), ("checkpoint", "resume"), ("steps",))
+
+
 def default_run_dir(cfg: TrainConfig) -> Path:
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.algorithm.name}"
+    return RUNS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.algorithm.name}"
+
+
+def holds_run(run_dir: Path) -> str | None:
+    """What in `run_dir` shows an earlier run (its checkpoints, its logged steps), or None."""
+    from tether.train.checkpoint import complete_checkpoints
+
+    found = complete_checkpoints(run_dir)
+    if found:
+        return f"{len(found)} checkpoint(s), the newest {found[-1].name}"
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        return "a metrics.jsonl with logged steps"
+    return None
+
+
+def _comparable(config: dict) -> dict:
+    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for path in _RESUME_FREE_KEYS:
+        node = config
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    return config
+
+
+def find_run_of_config(cfg: TrainConfig, runs_dir: Path = RUNS_DIR) -> Path | None:
+    """The newest run under `runs_dir` whose config.yaml is `cfg` (up to run_dir, resume and steps) and that
+    has a checkpoint: what `--resume` continues when no run directory is given."""
+    import yaml
+
+    from tether.config import to_dict
+    from tether.train.checkpoint import complete_checkpoints
+
+    if not runs_dir.is_dir():
+        return None
+    want = _comparable(to_dict(cfg))
+    for run in sorted((p for p in runs_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            saved = yaml.safe_load((run / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(saved, dict) and _comparable(saved) == want and complete_checkpoints(run):
+            return run
+    return None
+
+
+def prepare_run_dir(cfg: TrainConfig, run_dir: str | Path | None, is_main: bool = True) -> Path:
+    """The run directory, checked against what it already holds: a new run never mixes with an old one.
+
+    - no resume: a directory that holds a run is refused, unless logging.overwrite deletes that run first;
+    - resume 'latest' / 'auto' without a directory: the newest run of the same config under runs/.
+    """
+    mode = cfg.checkpoint.resume
+    if run_dir is None and cfg.logging.run_dir is None and mode in ("latest", "auto"):
+        found = find_run_of_config(cfg)
+        if found is not None:
+            log.warning("resuming %s: the newest run of this config under %s/ (set logging.run_dir to choose "
+                        "another)", found, RUNS_DIR)
+            return found
+        if mode == "latest":
+            raise ConfigError(f"--resume: no run of this config with a checkpoint under {RUNS_DIR}/ to continue; "
+                              "give the run's directory (--run-dir DIR or logging.run_dir), or drop --resume "
+                              "to start a new run")
+    run_dir = Path(run_dir or cfg.logging.run_dir or default_run_dir(cfg))
+    if mode is None and run_dir.is_dir():
+        held = holds_run(run_dir)
+        if held and not cfg.logging.overwrite:
+            raise ConfigError(f"{run_dir} already holds a run ({held}): continue it with --resume "
+                              "(checkpoint.resume=latest), replace it with --overwrite (logging.overwrite=true), "
+                              "or give another --run-dir")
+        if held and is_main:
+            import shutil
+
+            log.warning("logging.overwrite: deleting the run in %s (%s)", run_dir, held)
+            for name in RUN_FILES:
+                path = run_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+    return run_dir
+
+
+def resume_checkpoint(cfg: TrainConfig, run_dir: Path, trainer: Trainer, clean: bool) -> Path | None:
+    """Load the checkpoint the config asks for into `trainer`; returns it, or None for a fresh start.
+
+    'latest' / 'auto' try the run's checkpoints newest first and skip, with a warning naming the reason, any
+    that fails its manifest or cannot be loaded; 'latest' with none at all, or every one damaged, is an error.
+    """
+    from tether.train.checkpoint import CheckpointError, latest_checkpoint, resumable_checkpoints, verify_checkpoint
+
+    mode = cfg.checkpoint.resume
+    if mode is None:
+        return None
+    if mode not in ("latest", "auto"):
+        path = Path(mode)
+        if not path.exists():
+            raise ConfigError(f"checkpoint.resume: {path} does not exist")
+        problem = verify_checkpoint(path)
+        if problem:
+            raise CheckpointError(f"checkpoint.resume: {path} is damaged: {problem}")
+        trainer.load(path)
+        return path
+    latest_checkpoint(run_dir, clean=clean)  # puts back a checkpoint caught mid-replacement, drops leftovers
+    good, bad = resumable_checkpoints(run_dir)
+    skipped = [f"{p.name}: {why}" for p, why in bad]
+    for path in good:
+        try:
+            trainer.load(path)
+        except CheckpointError as e:
+            skipped.append(f"{path.name}: {e}")
+            continue
+        for line in skipped:
+            log.warning("resume: skipped damaged checkpoint %s", line)
+        if skipped:
+            log.warning("resume: falling back to %s", path)
+        return path
+    if skipped:
+        raise CheckpointError(f"no checkpoint of {run_dir} can be resumed, every one is damaged: "
+                              + "; ".join(skipped))
+    if mode == "latest":
+        raise ConfigError(f"--resume: {run_dir} has no checkpoint to continue from; drop --resume to start a "
+                          "new run there")
+    log.warning("checkpoint.resume=auto: no checkpoint in %s, starting a new run", run_dir)
+    return None
 
 
 def load_rows(cfg: TrainConfig, tokenizer=None) -> tuple[list[dict], Callable | None]:
@@ -93,10 +226,11 @@ def run_training(cfg: TrainConfig, *, rows: list[dict] | None = None, reward_fun
     """
     from tether.logging.metrics import MetricsLogger
     from tether.logging.progress import Progress
-    from tether.train.checkpoint import GracefulStop, latest_checkpoint
+    from tether.train.checkpoint import CheckpointWriteError, GracefulStop, latest_checkpoint
 
     dist = dist or Dist.from_env(cfg.distributed.backend)
-    run_dir = Path(run_dir or cfg.logging.run_dir or default_run_dir(cfg))
+    run_dir = prepare_run_dir(cfg, run_dir, is_main=dist.is_main)
+    dist.barrier()  # rank 0 may have deleted an overwritten run: nobody writes before that is done
     extra_rewards = list(reward_functions or [])
     if rows is None:
         rows, task_reward = load_rows(cfg)
@@ -105,16 +239,18 @@ def run_training(cfg: TrainConfig, *, rows: list[dict] | None = None, reward_fun
     reward = build_reward(cfg, extra_rewards)
     trainer = Trainer(cfg, rows=rows, reward_fn=reward, run_dir=run_dir, dist=dist)
 
-    resume_from = None
-    if cfg.checkpoint.resume == "auto":
-        resume_from = latest_checkpoint(run_dir, clean=dist.is_main)  # rank 0 alone removes leftovers
-    elif cfg.checkpoint.resume:
-        resume_from = Path(cfg.checkpoint.resume)
-        if not resume_from.exists():
-            raise ConfigError(f"checkpoint.resume: {resume_from} does not exist")
+    resume_from = resume_checkpoint(cfg, run_dir, trainer, clean=dist.is_main)  # rank 0 alone cleans
     if resume_from is not None:
-        trainer.load(resume_from)
         log.info("resumed from %s at step %d", resume_from, trainer.step_count)
+
+    def save() -> Path | None:
+        try:
+            return trainer.save(ck.keep_last)
+        except CheckpointWriteError as e:
+            if ck.on_write_error == "stop":
+                raise
+            log.warning("%s; training goes on (checkpoint.on_write_error=continue)", e)
+            return None
 
     logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                            wandb_project=cfg.logging.wandb_project, enabled=dist.is_main)
@@ -140,16 +276,16 @@ def run_training(cfg: TrainConfig, *, rows: list[dict] | None = None, reward_fun
                 if on_step is not None:
                     on_step(out.step, metrics)
                 if ck.every and out.step % ck.every == 0 and out.step < cfg.steps:
-                    result.checkpoint = trainer.save(ck.keep_last)
+                    result.checkpoint = save() or result.checkpoint
                 if dist.any(stop.requested):  # a signal may reach one rank first: all must save (collective)
                     log.warning("stop requested: saving a checkpoint at step %d and exiting", out.step)
-                    result.checkpoint = trainer.save(ck.keep_last)
+                    result.checkpoint = save() or result.checkpoint
                     result.interrupted = True
                     break
         if ck.save_final and not result.interrupted and trainer.step_count >= cfg.steps:
             existing = latest_checkpoint(run_dir, clean=False)  # never remove rank 0's checkpoint being written
             if existing is None or not existing.name.endswith(f"{trainer.step_count:06d}"):
-                result.checkpoint = trainer.save(ck.keep_last)
+                result.checkpoint = save() or result.checkpoint
     finally:
         logger.close()
     return result

@@ -28,7 +28,12 @@ class StatAccumulator:
         v = value.detach().float()
         self._max[name] = torch.maximum(self._max[name], v) if name in self._max else v
 
-    def result(self) -> dict[str, float]:
+    def result(self, dist=None) -> dict[str, float]:
+        """The statistics as floats. With `dist` (a `Dist` over several ranks) every figure is of the whole
+        batch: weighted means from the ranks' summed numerators and weights, minima and maxima over ranks. A
+        statistic some rank did not record counts there with weight 0."""
+        if dist is not None and dist.enabled:
+            return self._reduced(dist)
         out = {}
         if self._sum:
             keys = list(self._sum)
@@ -38,4 +43,20 @@ class StatAccumulator:
         for d in (self._min, self._max):
             if d:
                 out.update(zip(d.keys(), torch.stack(list(d.values())).tolist()))
+        return out
+
+    def _reduced(self, dist) -> dict[str, float]:
+        names = dist.gather_objects((sorted(self._sum), sorted(self._min), sorted(self._max)))
+        means, mins, maxs = (sorted(set().union(*(n[i] for n in names))) for i in range(3))
+        zero = torch.zeros(())
+        out: dict[str, float] = {}
+        if means:
+            sums = torch.stack([torch.as_tensor(self._sum.get(k, zero)).float() for k in means]
+                               + [torch.as_tensor(self._weight.get(k, zero)).float() for k in means])
+            sums = dist.sum(sums)
+            out.update(zip(means, (sums[:len(means)] / sums[len(means):].clamp(min=1e-12)).tolist()))
+        for keys, d, sign in ((mins, self._min, -1.0), (maxs, self._max, 1.0)):
+            if keys:  # a rank without the figure holds -inf for the max (so the others decide it)
+                vals = torch.stack([d[k] * sign if k in d else torch.tensor(float("-inf")) for k in keys])
+                out.update(zip(keys, (dist.max(vals) * sign).tolist()))
         return out
