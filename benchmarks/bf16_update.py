@@ -49,7 +49,7 @@ def loadavg() -> list[float]:
 def make_trainer(args: argparse.Namespace, variant: str, model: str):
     from tether.config import resolve_config
     from tether.rewards.functions import RewardScorer
-    from tether.train.loop import Trainer
+    from tether.train.loop import Trainer, configure_process
 
     raw = {
         "model": {"path": model, "autocast": "bfloat16" if variant == "bf16" else None},
@@ -63,7 +63,9 @@ def make_trainer(args: argparse.Namespace, variant: str, model: str):
         return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
     rows = [{"prompt": f"digits please {i:03d}: "} for i in range(256)]
-    return Trainer(resolve_config(raw), rows=rows, reward_fn=RewardScorer([(reward, 1.0)]))
+    cfg = resolve_config(raw)
+    configure_process(cfg)  # threads and malloc policy, as the CLI applies them
+    return Trainer(cfg, rows=rows, reward_fn=RewardScorer([(reward, 1.0)]))
 
 
 def step(trainer) -> dict:

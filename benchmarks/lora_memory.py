@@ -50,7 +50,7 @@ def child(args: argparse.Namespace) -> None:
 
     from tether.config import resolve_config
     from tether.rewards.functions import RewardScorer
-    from tether.train.loop import Trainer
+    from tether.train.loop import Trainer, configure_process
 
     base_rss = _rss_mib()
     lora = args.variant == "lora"
@@ -69,6 +69,7 @@ def child(args: argparse.Namespace) -> None:
 
     rows = [{"prompt": f"digits please {i}: "} for i in range(64)]
     t0 = time.perf_counter()
+    configure_process(cfg)  # threads and malloc policy, as the CLI applies them
     trainer = Trainer(cfg, rows=rows, reward_fn=RewardScorer([(reward, 1.0)]))
     after_build = _rss_mib()
     total = sum(p.numel() for p in trainer.policy.parameters())

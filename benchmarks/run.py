@@ -184,7 +184,7 @@ def child_tether(args) -> None:
     import torch
 
     from tether.rewards.functions import RewardScorer
-    from tether.train.loop import Trainer
+    from tether.train.loop import Trainer, configure_process
 
     load_start = loadavg()
     cfg = tether_config(args.model, args.algo, args.steps + 1, precision=args.precision,
@@ -192,6 +192,7 @@ def child_tether(args) -> None:
     rows = [{"prompt": p} for p in make_prompts(256, seed=0)]
     reward = RewardScorer([(digit_fraction, 1.0)])
     t0 = time.perf_counter()
+    configure_process(cfg)  # threads and malloc policy, as the CLI applies them
     trainer = Trainer(cfg, rows=rows, reward_fn=reward)
     setup_s = time.perf_counter() - t0
     rss_after_setup = peak_rss_mib()

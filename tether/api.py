@@ -17,6 +17,7 @@ def fit(
     steps: int = 100,
     run_dir: str | Path | None = None,
     overrides: dict | None = None,
+    configure_process: bool = False,
 ):
     """Train `model` (an AutoModelForCausalLM path or hub name) on `prompts` against `reward`.
 
@@ -25,6 +26,9 @@ def fit(
     reward: a callable f(prompts, completions, **columns) -> list[float | None], a list of them (or of
         (callable, weight) pairs), or None when the config names rewards or the data is a built-in task.
     overrides: {"dotted.key": value} over the config tree (`tether config` lists every key).
+    configure_process: also apply the run's process-wide settings to this process, as `tether train` does:
+        torch's CPU threads (`threads`, 'auto' by default) and glibc's malloc policy (`keep_freed_memory`).
+        Off by default, so that a notebook or a service that calls `fit` keeps its own settings.
     Returns a RunResult (run_dir, metrics per step, last checkpoint, the trainer).
     """
     from tether.train.run import run_training
@@ -38,6 +42,10 @@ def fit(
     flat = [f"{k}={v!r}" if isinstance(v, str) and v == "" else f"{k}={_yaml(v)}" for k, v in (overrides or {}).items()]
     cfg = resolve_config(raw, flat)
     functions = [] if reward is None else (list(reward) if isinstance(reward, (list, tuple)) else [reward])
+    if configure_process:
+        from tether.train.loop import configure_process as apply
+
+        apply(cfg)
     return run_training(cfg, rows=rows, reward_functions=functions, run_dir=run_dir)
 
 

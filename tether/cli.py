@@ -58,6 +58,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             default.pop("algorithm")  # another algorithm starts from its own preset, untuned
         user = deep_merge(default, user)
     cfg = resolve_config(user)
+    from tether.train.loop import configure_process
+
+    configure_process(cfg)  # threads and malloc policy: process-wide, so the command's to set, not the Trainer's
     if pipeline:
         if cfg.data.source is not None and not cfg.data.source.startswith("task:"):
             raise ConfigError("model.path is required when data.source is not a built-in task")

@@ -280,7 +280,10 @@ class TrainConfig:
     seed: int = F(0, "Seed for every random draw (torch, python, data order, sampling).")
     steps: int = F(100, "Training steps (one batch of rollouts each).", ge=1)
     device: str = F("auto", "cpu, cuda, cuda:N, or auto.")
-    threads: int | None = F(None, "CPU threads for torch (None = torch's default).", ge=1)
+    threads: str | None = F("auto", "CPU threads for torch: 'auto' uses the cores other processes leave idle, "
+                                    "re-measured between steps (two threads beside a busy process ran a "
+                                    "small-model step 10x slower than one); an integer fixes the count, and "
+                                    "with it the float order of reductions; None: torch's default.")
     keep_freed_memory: bool = F(True, "Have glibc's malloc keep freed host memory for reuse (mmap threshold "
                                 "32 MiB, no trimming) instead of page-faulting it back every step: about -10% "
                                 "CPU step time at equal peak RSS; RSS stays at its peak. The first step's "
@@ -488,6 +491,8 @@ def validate(cfg: TrainConfig) -> None:
                           "model.dtype=bfloat16 (or float16) with it.")
     if m.master_weights and m.autocast:
         raise ConfigError("model.master_weights=true already computes in model.dtype: drop model.autocast.")
+    if cfg.threads is not None and cfg.threads != "auto" and not (cfg.threads.isdigit() and int(cfg.threads) > 0):
+        raise ConfigError(f"threads: {cfg.threads!r} is not allowed; give 'auto', a positive integer, or null.")
     if a.eps_high < a.eps_low and a.name == "dapo":
         raise ConfigError("dapo expects algorithm.eps_high >= algorithm.eps_low.")
 

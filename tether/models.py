@@ -46,7 +46,7 @@ def _loading(path: str, what: str):
         yield
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - HF and safetensors raise many types (SafetensorError among them)
         text = str(e).strip()
         first = text.splitlines()[0] if text else type(e).__name__
         if "trust_remote_code" in text:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 from tether.config import TrainConfig
-from tether.train.loop import configure_process
 from tether.train.run import RunResult, run_training, write_summary
 
 log = logging.getLogger("tether")
@@ -110,7 +109,6 @@ def run_pipeline(cfg: TrainConfig, *, echo=print) -> dict:
     from tether.tasks import get_task
 
     t_start = time.perf_counter()
-    configure_process(cfg)  # before the SFT stage, which runs ahead of the Trainer
     task_name = cfg.task.name or "arithmetic"
     cfg.task.name = task_name
     if cfg.model.path is None:

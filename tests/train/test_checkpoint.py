@@ -385,3 +385,113 @@ def test_graceful_stop_outside_main_thread_installs_nothing():
     thread.start()
     thread.join()
     assert seen == [(False, True)]
+
+
+# --- damaged checkpoints and failed writes ----------------------------------------------------------------
+
+
+def _three_checkpoints(tmp_path):
+    from tether.train.checkpoint import resumable_checkpoints  # noqa: F401  (used by the callers)
+
+    policy, critic, optimizer, scheduler = make_trainer(True, seed=0)
+    for step in (1, 2, 3):
+        train_step(policy, critic, optimizer, scheduler)
+        save_checkpoint(tmp_path, step, models={"policy": policy, "critic": critic}, optimizers={"main": optimizer},
+                        keep_last=None)
+    return policy, critic, optimizer
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("victim", ["policy/model.safetensors", "optimizers.pt", "both"])
+def test_a_truncated_file_fails_verification_and_resume_takes_the_newest_good_one(tmp_path, victim):
+    from tether.train.checkpoint import resumable_checkpoints, verify_checkpoint
+
+    _three_checkpoints(tmp_path)
+    newest = tmp_path / "checkpoints" / "step-000003"
+    assert verify_checkpoint(newest) is None
+    for name in (["policy/model.safetensors", "optimizers.pt"] if victim == "both" else [victim]):
+        _truncate(newest / name)
+    problem = verify_checkpoint(newest)
+    assert "truncated or damaged" in problem and problem.split()[0] in ("policy/model.safetensors", "optimizers.pt")
+    good, bad = resumable_checkpoints(tmp_path)
+    assert [p.name for p in good] == ["step-000002", "step-000001"] and [p.name for p, _ in bad] == ["step-000003"]
+
+
+def test_same_size_damage_is_caught_by_the_hash(tmp_path):
+    from tether.train.checkpoint import verify_checkpoint
+
+    _three_checkpoints(tmp_path)
+    target = tmp_path / "checkpoints" / "step-000003" / "optimizers.pt"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert "SHA-256" in verify_checkpoint(target.parent)
+    assert verify_checkpoint(target.parent, hashes=False) is None  # sizes alone cannot see it
+
+
+def test_loading_a_truncated_file_names_it(tmp_path):
+    policy, critic, optimizer = _three_checkpoints(tmp_path)
+    newest = tmp_path / "checkpoints" / "step-000003"
+    _truncate(newest / "optimizers.pt")
+    with pytest.raises(CheckpointError, match=r"optimizers\.pt: cannot be read, damaged or truncated"):
+        load_checkpoint(newest, models={"policy": policy}, optimizers={"main": optimizer})
+    _truncate(newest / "policy" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot be read, damaged or truncated"):
+        load_checkpoint(newest, models={"policy": policy})
+
+
+@pytest.mark.parametrize("cause", [OSError(28, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")])
+def test_a_failed_write_is_one_clear_error_and_leaves_earlier_checkpoints_intact(tmp_path, monkeypatch, cause):
+    from tether.train import checkpoint
+    from tether.train.checkpoint import CheckpointWriteError, verify_checkpoint
+
+    policy, critic, optimizer = _three_checkpoints(tmp_path)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if str(f).endswith("optimizers.pt"):
+            Path(f).write_bytes(b"x" * 10)  # a partial file, as a full disk leaves it
+            raise cause
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError) as e:
+        save_checkpoint(tmp_path, 4, models={"policy": policy}, optimizers={"main": optimizer}, keep_last=1)
+    msg = str(e.value)
+    assert "\n" not in msg and "could not write checkpoint" in msg and "step-000004" in msg
+    assert "the disk is full" in msg and "MiB free there" in msg
+    assert "earlier checkpoints intact: step-000001, step-000002, step-000003" in msg
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".lock")) == [
+        "step-000001", "step-000002", "step-000003"]  # no temporary directory left, nothing pruned
+    assert all(verify_checkpoint(root / n) is None for n in ("step-000001", "step-000002", "step-000003"))
+
+
+def test_pruning_keeps_the_newest_healthy_checkpoint(tmp_path):
+    policy = tiny_critic(0)
+    for step, healthy in ((1, True), (2, True), (3, False), (4, False), (5, False)):
+        save_checkpoint(tmp_path, step, models={"critic": policy}, state={"healthy": healthy}, keep_last=2)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000002", "step-000004", "step-000005"]
+
+
+def test_rng_states_per_rank_and_a_rank_the_checkpoint_does_not_know(tmp_path):
+    from tether.train.checkpoint import restore_rank_rng, rng_state
+
+    torch.manual_seed(1)
+    r0 = rng_state()
+    torch.manual_seed(2)
+    r1 = rng_state()
+    path = save_checkpoint(tmp_path, 1, models={"critic": tiny_critic(0)}, rng_states=[r0, r1])
+    for rank, seed in ((0, 1), (1, 2)):
+        torch.manual_seed(99)
+        assert restore_rank_rng(path, rank)
+        torch.manual_seed(seed)
+        want = torch.rand(3)
+        restore_rank_rng(path, rank)
+        assert torch.equal(torch.rand(3), want)
+    assert not restore_rank_rng(path, 2)

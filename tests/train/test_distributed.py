@@ -99,11 +99,17 @@ def _worker(spec_path: str) -> None:
 
             res = run_training(cfg, rows=PROMPTS, reward_functions=[char_score], run_dir=job["run_dir"], dist=dist)
             t, metrics, saved = res.trainer, res.metrics, res.checkpoint
+            # What this rank's RNG draws next after the checkpoint: a resumed rank must draw the same.
+            returned[f"{job['name']}/next_draw"] = torch.rand(4).tolist()
         else:
             t = make_trainer(spec["model"], job["algo"], job.get("overrides", {}), run_dir=job.get("run_dir"),
                              dist=dist)
             if job.get("resume"):
                 t.load(latest_checkpoint(job["resume"], clean=False))  # only rank 0 may clean up
+                returned[f"{job['name']}/next_draw"] = torch.rand(4).tolist()
+            if job.get("draws"):  # every rank samples the same prompts: the draws must differ between ranks
+                r = t.backend.generate(PROMPTS[:4], [p["prompt"] for p in PROMPTS[:4]], group_size=2)
+                returned[f"{job['name']}/draws"] = r.completions
             if job.get("uneven_generate"):
                 # FSDP: every forward all-gathers, so ranks that finish sampling early must keep stepping
                 # (synced_gpus) until all have; here rank r stops after 2 + 3r tokens.
@@ -288,6 +294,9 @@ def ddp(model, tmp_path_factory):
         {"name": "trained", "algo": "ppo", "run_training": True, "run_dir": str(run),
          "overrides": {"steps": 2}},
         {"name": "resumed", "algo": "ppo", "resume": str(run)},
+        # Sampled (not greedy) draws of the same prompts on every rank.
+        {"name": "sampled", "algo": "grpo", "overrides": {"rollout.top_k": 0, "rollout.max_new_tokens": 12},
+         "draws": True, "steps": 0},
     ]
     t0 = time.perf_counter()
     res = launch(model, jobs, base / "out", watch=[run])
@@ -320,6 +329,17 @@ def test_ddp_step_matches_one_process(ddp, single, algo):
 def test_ddp_token_budget_micro_batches_match_one_process(ddp, single):
     got, ref = ddp["res"]["ppo_budget"], single["ppo"]
     assert_same_weights(got["weights"], ref["weights"], ref["init"])
+
+
+@multiprocess
+def test_ranks_draw_different_samples_and_resume_their_own_streams(ddp):
+    """Each rank samples from its own seed (seed, rank): the same prompts give different draws on the two
+    ranks. A checkpoint holds every rank's RNG state, and a resumed rank draws what it would have drawn."""
+    returned = [json.loads((ddp["out"] / f"rank{r}_returned.json").read_text()) for r in range(WORLD)]
+    assert returned[0]["sampled/draws"] != returned[1]["sampled/draws"]
+    assert returned[0]["trained/next_draw"] != returned[1]["trained/next_draw"]
+    for r in range(WORLD):
+        assert returned[r]["resumed/next_draw"] == returned[r]["trained/next_draw"]
 
 
 @multiprocess

@@ -314,3 +314,26 @@ def test_compiled_policy_gives_the_eager_update(llama):
     # after 8 updates that moved the weights by up to 2e-2.
     diff = max((pa - pb).abs().max().item() for pa, pb in zip(eager.policy.parameters(), compiled.policy.parameters()))
     assert diff < 1e-4, diff
+
+
+def test_an_absurd_finite_update_is_flagged_and_the_last_healthy_checkpoint_kept(llama, tmp_path, caplog):
+    """An lr orders of magnitude too high blows the weights up without a non-finite gradient: the weight
+    norm's jump is a warning, the run is unhealthy from then on, and pruning keeps a checkpoint from before."""
+    from tether.train.checkpoint import complete_checkpoints
+
+    cfg = resolve_config({"model": {"path": llama}, "algorithm": {"name": "grpo"}, "steps": 5, "seed": 0,
+                          "rollout": {"max_new_tokens": 4, "prompts_per_step": 4, "group_size": 4}})
+    t = Trainer(cfg, rows=PROMPTS, reward_fn=RewardScorer([(digit_fraction, 1.0)]), run_dir=tmp_path)
+    m = t.step().metrics
+    assert t.healthy and m["optim/weight_norm_policy"] > 0
+    t.save(keep_last=1)
+    for group in t.optimizers["policy"].param_groups:
+        group["lr"] = 1e10
+    with caplog.at_level("WARNING", logger="tether"):
+        m2 = t.step().metrics
+    assert m2["optim/weight_norm_policy"] > 4 * m["optim/weight_norm_policy"]
+    assert not t.healthy and "weight norm went from" in caplog.text and "unstable" in caplog.text
+    t.save(keep_last=1)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
+    with pytest.raises(TrainingError, match="resume from the last healthy checkpoint"):
+        t.step()  # the blown-up weights give no finite logits: a clear stop, not a sampler traceback

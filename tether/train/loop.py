@@ -57,12 +57,15 @@ class StepResult:
     rollout: Rollout = field(repr=False)
 
 
-def configure_process(cfg: TrainConfig) -> None:
-    """Process-wide settings of a run: torch's CPU threads and the allocator's reuse of freed memory."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def configure_process(cfg: TrainConfig):
+    """Process-wide settings of a run: torch's CPU threads and the allocator's reuse of freed memory. Returns
+    the thread policy to adjust between steps under threads=auto (see train/threads.py), else None."""
+    from tether.train.threads import apply_threads
+
+    policy = apply_threads(cfg.threads)
     if cfg.keep_freed_memory:
         keep_freed_memory()
+    return policy
 
 
 def rank_seed(seed: int, rank: int, *extra: int) -> int:
@@ -86,7 +89,7 @@ class Trainer:
                  run_dir: str | Path | None = None, dist: Dist | None = None):
         self.cfg = cfg
         self.dist = dist or Dist()
-        configure_process(cfg)
+        # Process-wide settings (threads, malloc) are the caller's: the CLI applies them (configure_process).
         seed_everything(rank_seed(cfg.seed, self.dist.rank))
         self.device = M.resolve_device(cfg.device)
         self.run_dir = Path(run_dir) if run_dir else None
@@ -306,7 +309,16 @@ class Trainer:
         for round_ in range(1 + (a.max_filter_rounds if a.filter_groups else 0)):
             rows = self.dist.shard(self.sampler.next_batch(), 1)
             t0 = time.perf_counter()
-            rollout = self.backend.generate(rows, [row["prompt"] for row in rows], group_size=r.group_size)
+            try:
+                rollout = self.backend.generate(rows, [row["prompt"] for row in rows], group_size=r.group_size)
+            except RuntimeError as e:
+                if "probability tensor contains" not in str(e):
+                    raise
+                raise TrainingError(
+                    "sampling got non-finite next-token probabilities: the policy's weights no longer give "
+                    "finite logits" + ("" if self.healthy else " since an unstable update (see the warning "
+                                       "above); resume from the last healthy checkpoint with a lower optim.lr")
+                ) from e
             self.timing["generate"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             self.score(rollout)

@@ -38,7 +38,13 @@ _RESUME_FREE_KEYS = (("logging", "run_dir"), ("logging", "overwrite"), ("checkpo
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
-    return RUNS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.algorithm.name}"
+    """runs/<time>-<algorithm>, with a -2, -3, ... suffix when a run started in the same second."""
+    stem = RUNS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.algorithm.name}"
+    path, n = stem, 1
+    while path.exists():
+        n += 1
+        path = stem.with_name(f"{stem.name}-{n}")
+    return path
 
 
 def holds_run(run_dir: Path) -> str | None:
@@ -103,6 +109,12 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: str | Path | None, is_main: bool 
                               "give the run's directory (--run-dir DIR or logging.run_dir), or drop --resume "
                               "to start a new run")
     run_dir = Path(run_dir or cfg.logging.run_dir or default_run_dir(cfg))
+    if mode == "latest":
+        from tether.train.checkpoint import complete_checkpoints
+
+        if not complete_checkpoints(run_dir):  # before anything is written there
+            raise ConfigError(f"--resume: {run_dir} has no checkpoint to continue from; drop --resume to start "
+                              "a new run there")
     if mode is None and run_dir.is_dir():
         held = holds_run(run_dir)
         if held and not cfg.logging.overwrite:
@@ -227,6 +239,7 @@ def run_training(cfg: TrainConfig, *, rows: list[dict] | None = None, reward_fun
     from tether.logging.metrics import MetricsLogger
     from tether.logging.progress import Progress
     from tether.train.checkpoint import CheckpointWriteError, GracefulStop, latest_checkpoint
+    from tether.train.threads import adjust_between_steps
 
     dist = dist or Dist.from_env(cfg.distributed.backend)
     run_dir = prepare_run_dir(cfg, run_dir, is_main=dist.is_main)
@@ -263,6 +276,7 @@ def run_training(cfg: TrainConfig, *, rows: list[dict] | None = None, reward_fun
                                               initial_step=trainer.step_count, print_every=cfg.logging.log_every,
                                               keys=PROGRESS_KEYS, description=cfg.algorithm.name) as progress:
             while trainer.step_count < cfg.steps:
+                adjust_between_steps()  # threads=auto, when the process runs it (configure_process)
                 out = trainer.step()
                 metrics = dict(out.metrics)
                 if eval_fn is not None and cfg.logging.eval_every and out.step % cfg.logging.eval_every == 0:
