@@ -71,13 +71,12 @@ PRESETS: dict[str, dict] = {
 
 
 def preset_dict(name: str) -> dict:
-    """The partial config of a preset (a copy), or an error that lists the known presets."""
+    """The partial config of a preset (a copy); a KeyError whose message lists the known presets (the config
+    loader turns it into a ConfigError: presets are data, below the config machinery)."""
     if name not in PRESETS:
-        from tether.config import ConfigError
         import difflib
 
         close = difflib.get_close_matches(str(name), list(PRESETS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"algorithm.name: unknown preset {name!r}.{hint} Known presets: "
-                          f"{', '.join(PRESETS)}.")
+        raise KeyError(f"algorithm.name: unknown preset {name!r}.{hint} Known presets: {', '.join(PRESETS)}.")
     return copy.deepcopy(PRESETS[name])

@@ -462,7 +462,10 @@ def resolve_config(raw: dict | None = None, overrides: list[str] | dict | None =
     if overrides:
         merged = deep_merge(merged, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     name = (merged.get("algorithm") or {}).get("name", AlgorithmConfig.name)
-    preset = preset_dict(name)
+    try:
+        preset = preset_dict(name)
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from None
     cfg = _build(TrainConfig, deep_merge(preset, merged))
     validate(cfg)
     return cfg
@@ -495,6 +498,38 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"threads: {cfg.threads!r} is not allowed; give 'auto', a positive integer, or null.")
     if a.eps_high < a.eps_low and a.name == "dapo":
         raise ConfigError("dapo expects algorithm.eps_high >= algorithm.eps_low.")
+
+
+def validate_for_world(cfg: TrainConfig, world_size: int) -> None:
+    """The checks that depend on how many data-parallel ranks run: called by the Trainer before any model
+    is loaded, so that every config error comes before the first (slow) load."""
+    a, r, m = cfg.algorithm, cfg.rollout, cfg.model
+    fsdp = world_size > 1 and cfg.distributed.strategy == "fsdp"
+    if fsdp and r.weights_dtype not in ("auto", "policy"):
+        raise ConfigError(f"rollout.weights_dtype={r.weights_dtype} keeps a whole copy of the policy, which "
+                          "FSDP shards: use rollout.weights_dtype=policy with distributed.strategy=fsdp")
+    if world_size == 1:
+        return
+    if m.master_weights:
+        raise ConfigError("model.master_weights=true runs on one process for now: use model.autocast="
+                          "bfloat16 with several ranks")
+    if m.compile:
+        raise ConfigError("model.compile=true runs on one process for now")
+    if fsdp and a.use_critic and a.critic == "shared":
+        raise ConfigError("algorithm.critic=shared is not supported with distributed.strategy=fsdp yet: use "
+                          "ddp, or algorithm.critic=separate")
+    if r.prompts_per_step % world_size:
+        raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} cannot be split evenly over "
+                          f"{world_size} ranks: make it a multiple of {world_size}.")
+    rows = r.prompts_per_step // world_size * r.group_size
+    if rows % a.minibatches:
+        raise ConfigError(f"with {world_size} ranks each rank holds {rows} sequences per step "
+                          f"(prompts_per_step / ranks x group_size), which algorithm.minibatches="
+                          f"{a.minibatches} does not divide: every rank must hold an equal share of "
+                          "every minibatch.")
+    if a.filter_groups:
+        raise ConfigError("algorithm.filter_groups (dynamic sampling) keeps a different number of groups "
+                          "on each rank and is not supported with several ranks yet; run it on one rank.")
 
 
 def to_dict(cfg) -> dict:

@@ -288,7 +288,7 @@ def test_shared_prompt_passes_give_the_per_row_numbers(llama):
     ma = off.step()
     on = make_trainer(llama, "ppo", **shared)
     mb = on.step()
-    assert on.share_prompts and not off.share_prompts
+    assert on.models.share_prompts and not off.models.share_prompts
     ra, rb = ma.rollout, mb.rollout
     assert torch.equal(ra.input_ids_BL, rb.input_ids_BL)
     for name in ("ref_logprobs_BT", "old_logprobs_BT", "old_values_BT"):

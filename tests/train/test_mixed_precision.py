@@ -107,7 +107,7 @@ def test_master_weights_compute_in_bf16_and_step_fp32_masters(llama):
     masters = t.optimizers["policy"].param_groups[0]["params"]
     assert all(m.dtype == torch.float32 for m in masters)
     assert not t.backend.samples_from_copy  # the sampler is the bf16 policy itself
-    assert t._sampler_is_exact()
+    assert t.sampler_is_exact()
     start = [m.clone() for m in masters]
     t.step()
     moved = max((m - s).abs().max().item() for m, s in zip(masters, start))
@@ -184,7 +184,7 @@ def test_master_weights_config_errors(llama, over, message):
 
 def test_autocast_samples_from_a_bf16_copy_unless_told_otherwise(llama):
     t = make_trainer(llama, "grpo", **{"model.autocast": "bfloat16"})
-    assert t.backend.samples_from_copy and not t._sampler_is_exact()
+    assert t.backend.samples_from_copy and not t.sampler_is_exact()
     assert all(p.dtype == torch.bfloat16 for p in t.backend.policy.parameters())
     m = t.step().metrics
     assert m["rollout/logprob_mismatch_max"] < 0.1  # a bf16 copy: bf16 noise, logged every step

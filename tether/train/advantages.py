@@ -1,0 +1,72 @@
+"""Stage 3 of a step, advantages: KL to the reference in the reward (or not), then the configured estimator
+(`core.advantages.ADVANTAGES`) over this rank's rows, with batch-wide baselines and whitening."""
+
+from __future__ import annotations
+
+import torch
+
+from tether.config import TrainConfig
+from tether.core.advantages import ADVANTAGES, kl_shaped_token_rewards, masked_whiten
+from tether.core.kl import KL_ESTIMATORS
+from tether.rollout.batch import Rollout
+from tether.train.distributed import Dist
+
+
+def global_masked_mean(x: torch.Tensor, mask: torch.Tensor, dist: Dist) -> float:
+    s = dist.sum(torch.stack([(x * mask).sum(), mask.sum()]))
+    return (s[0] / s[1].clamp(min=1)).item()
+
+
+def global_whiten(x: torch.Tensor, mask: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """(x - mean) / std over the masked entries of every rank (unbiased variance), as masked_whiten."""
+    if not dist.enabled:
+        return masked_whiten(x, mask)
+    s = dist.sum(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]))
+    mean = s[0] / s[2]
+    var = (s[1] / s[2] - mean**2) * s[2] / (s[2] - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + 1e-8)
+
+
+def compute_advantages(rollout: Rollout, cfg: TrainConfig, dist: Dist, *, beta: float, uses_reference: bool,
+                       old_logprobs_BT: torch.Tensor | None) -> float | None:
+    """Fill rollout.advantages_BT (and returns_BT for GAE). Returns the measured KL to the reference per
+    token, k1 = log pi_old - log pi_ref averaged over the batch's completion tokens (None without a reference
+    or pi_old log-probs): what the adaptive KL controller consumes.
+
+    KL in the reward (Ziegler et al. 2019): with GAE the per-token reward is -beta * kl_t plus the score at the
+    last token; for outcome estimators the sequence score is the score minus beta * sum_t kl_t.
+    """
+    a = cfg.algorithm
+    mask = rollout.response_mask_BT
+    valid = rollout.valid_B
+    scores = torch.where(valid, rollout.scores_B, torch.zeros_like(rollout.scores_B))
+    token_rewards = None
+    measured_kl = None
+    if uses_reference and old_logprobs_BT is not None:
+        kl_k1 = KL_ESTIMATORS["k1"](old_logprobs_BT, rollout.ref_logprobs_BT) * mask
+        measured_kl = global_masked_mean(kl_k1, mask, dist)
+    if a.kl_mode == "reward" and uses_reference:
+        kl_BT = KL_ESTIMATORS[a.kl_estimator](old_logprobs_BT, rollout.ref_logprobs_BT) * mask
+        if a.advantage == "gae":
+            token_rewards = kl_shaped_token_rewards(scores, kl_BT, mask, beta=beta)
+        else:
+            scores = scores - beta * kl_BT.sum(-1)
+    scores_global = dist.gather_cat(scores)
+    valid_global = dist.gather_cat(valid)
+    fn = ADVANTAGES[a.advantage]
+    if a.advantage == "gae":
+        adv, returns = fn(scores_B=scores, response_mask_BT=mask, token_rewards_BT=token_rewards,
+                          values_BT=rollout.old_values_BT, gamma=a.gamma, lam=a.lam)
+    else:
+        # Outcome baselines need batch-wide statistics: compute on the gathered scores, keep our rows.
+        T = mask.shape[1]
+        ones = torch.ones(scores_global.shape[0], T, device=mask.device)
+        adv_all, _ = fn(scores_B=scores_global, response_mask_BT=ones, group_size=rollout.group_size,
+                        std_scale=a.std_scale, valid_B=valid_global)
+        lo = dist.rank * len(rollout)
+        adv, returns = adv_all[lo:lo + len(rollout)] * mask, None
+    if a.whiten_advantages:
+        adv = global_whiten(adv, mask * valid.unsqueeze(-1), dist)
+    rollout.advantages_BT = adv * mask * valid.unsqueeze(-1)
+    rollout.returns_BT = returns
+    return measured_kl

@@ -1,0 +1,128 @@
+"""Stage 1 of a step, collect: draw prompts, sample G completions of each, score them; with dynamic sampling
+(DAPO, Yu et al. 2025) drop the groups whose rewards are all equal and refill from further prompts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from tether.config import TrainConfig
+from tether.rollout.batch import Rollout
+from tether.train.distributed import Dist
+from tether.train.errors import TrainingError
+
+log = logging.getLogger("tether")
+
+
+@dataclass
+class CollectInfo:
+    """What collecting cost and dropped, for the step's statistics."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "score": 0.0})
+    filtered_groups: int = 0
+
+
+def score(rollout: Rollout, reward: Callable, device: torch.device) -> None:
+    """Fill `scores_B`, `valid_B` and `reward_stats` from the reward scorer; the dataset's columns, the
+    truncation flags and the completion lengths reach the reward functions as keyword lists."""
+    keys = sorted({k for row in rollout.rows for k in row if k != "prompt"})
+    columns: dict[str, list] = {k: [row.get(k) for row in rollout.rows] for k in keys}
+    columns["truncated"] = rollout.truncated_B.tolist()
+    columns["completion_lengths"] = rollout.completion_lengths_B.tolist()
+    result = reward(rollout.prompts, rollout.completions, columns)
+    rollout.scores_B = result.scores.float().to(device)
+    rollout.valid_B = result.valid.bool().to(device)
+    rollout.reward_stats = dict(result.stats)
+
+
+def filter_uniform_groups(rollout: Rollout) -> tuple[Rollout, int]:
+    """The groups whose valid scores are not all equal (they carry a learning signal under a group baseline),
+    and how many groups were dropped."""
+    G = rollout.group_size
+    scores = rollout.scores_B.view(-1, G)
+    valid = rollout.valid_B.view(-1, G)
+    spread = torch.where(valid, scores, torch.nan)
+    has_signal = (torch.nan_to_num(spread, nan=float("inf")).amin(-1)
+                  < torch.nan_to_num(spread, nan=float("-inf")).amax(-1))
+    keep = has_signal.nonzero().flatten()
+    rows = (keep.unsqueeze(-1) * G + torch.arange(G)).flatten()
+    return rollout.select(rows), int((~has_signal).sum())
+
+
+def collect(cfg: TrainConfig, sampler, backend, reward: Callable, dist: Dist, *, pad_token_id: int,
+            device: torch.device, healthy: bool = True) -> tuple[Rollout, CollectInfo]:
+    """This rank's scored rollout of the step (prompts_per_step / ranks prompts x group_size completions)."""
+    a, r = cfg.algorithm, cfg.rollout
+    wanted = r.prompts_per_step // dist.world_size
+    info = CollectInfo()
+    kept: list[Rollout] = []
+    n_groups = 0
+    for _ in range(1 + (a.max_filter_rounds if a.filter_groups else 0)):
+        rows = dist.shard(sampler.next_batch(), 1)
+        t0 = time.perf_counter()
+        rollout = _generate(backend, rows, r.group_size, healthy)
+        info.seconds["generate"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        score(rollout, reward, device)
+        info.seconds["score"] += time.perf_counter() - t0
+        if a.filter_groups:
+            rollout, dropped = filter_uniform_groups(rollout)
+            info.filtered_groups += dropped
+        kept.append(rollout)
+        n_groups += len(rollout) // r.group_size
+        if not a.filter_groups or n_groups >= wanted:
+            break
+    rollout = Rollout.concat([k for k in kept if len(k)] or kept[:1], pad_token_id)
+    if a.filter_groups and len(rollout) > wanted * r.group_size:
+        rollout = rollout.select(list(range(wanted * r.group_size)))
+    if len(rollout) == 0:
+        raise TrainingError("every group had identical rewards after all refill rounds "
+                            "(algorithm.filter_groups): nothing to learn from; check the reward")
+    return rollout, info
+
+
+def _generate(backend, rows: list[dict], group_size: int, healthy: bool) -> Rollout:
+    try:
+        return backend.generate(rows, [row["prompt"] for row in rows], group_size=group_size)
+    except RuntimeError as e:
+        if "probability tensor contains" not in str(e):
+            raise
+        raise TrainingError(
+            "sampling got non-finite next-token probabilities: the policy's weights no longer give finite "
+            "logits" + ("" if healthy else " since an unstable update (see the warning above); resume from the "
+                        "last healthy checkpoint with a lower optim.lr")) from e
+
+
+def rows_that_fit(rows: list[dict], cfg: TrainConfig, tokenizer, context_window: int | None) -> list[dict]:
+    """The rows whose prompt, as the sampler will feed it (chat template included), leaves room for
+    rollout.max_new_tokens in the context window (or is within rollout.max_prompt_tokens). The others are
+    skipped with one warning, or are a DataError under data.on_bad_row=error, before anything runs."""
+    from tether.data import DataError
+    from tether.rollout.hf import prompt_token_count
+
+    r = cfg.rollout
+    if context_window is None and not r.max_prompt_tokens:
+        return rows
+    limit = r.max_prompt_tokens or (context_window - r.max_new_tokens)
+    why = (f"rollout.max_prompt_tokens={limit}" if r.max_prompt_tokens else
+           f"the context window of {context_window} tokens less rollout.max_new_tokens={r.max_new_tokens}")
+    kept, too_long = [], []
+    for i, row in enumerate(rows):
+        n = prompt_token_count(tokenizer, row["prompt"], chat_template=cfg.model.chat_template)
+        if n <= limit:
+            kept.append(row)
+            continue
+        problem = f"row {i}: prompt of {n} tokens does not fit {why} (limit {limit}): {row['prompt'][:60]!r}"
+        if cfg.data.on_bad_row == "error":
+            raise DataError(f"{problem}; shorten it, raise the limit, or set data.on_bad_row=skip")
+        too_long.append(problem)
+    if not kept:
+        raise DataError(f"all {len(rows)} prompts are too long: {too_long[0]}")
+    if too_long:
+        log.warning("skipped %d of %d prompts that do not fit (data.on_bad_row=skip); first: %s",
+                    len(too_long), len(rows), too_long[0])
+    return kept

@@ -1,0 +1,110 @@
+"""Stage 2 of a step, the no-grad passes: log pi_old (and a shared critic's old values) over the training
+micro-batches, log pi_ref, and a separate critic's old values; and the micro-batching they share with the
+update."""
+
+from __future__ import annotations
+
+import torch
+
+from tether.config import TrainConfig
+from tether.rollout.batch import Rollout
+from tether.train.distributed import Dist, split_to_count
+from tether.train.forward import (
+    critic_values,
+    gather_rows,
+    make_micro_batch,
+    policy_logprobs,
+    policy_logprobs_and_values,
+    scatter_rows,
+    split_micro_batches,
+)
+from tether.train.setup import RunModels, uses_reference
+from tether.train.stats import StatAccumulator
+
+
+def micro_batches(rollout: Rollout, rows: torch.Tensor, cfg: TrainConfig, dist: Dist) -> list:
+    """`rows` of the rollout in micro-batches of optim.micro_batch_size rows or optim.token_budget tokens."""
+    o = cfg.optim
+    mbs = split_micro_batches(rollout, rows, micro_batch_size=o.micro_batch_size, token_budget=o.token_budget)
+    if dist.enabled and o.token_budget is not None:
+        # DDP and FSDP communicate in every forward/backward: every rank runs as many micro-batches.
+        n = int(dist.max(torch.tensor(len(mbs))).item())
+        if n > len(mbs):
+            mbs = [make_micro_batch(rollout, idx) for idx in split_to_count([mb.index for mb in mbs], n)]
+    return mbs
+
+
+def sampler_is_exact(cfg: TrainConfig, backend) -> bool:
+    """The sampler drew from softmax(logits / T) of the trained policy's own forward (no top-k / top-p
+    truncation, not a copy in another precision), so its log-probs are pi_old's."""
+    r = cfg.rollout
+    return (r.top_k == 0 and r.top_p >= 1.0 and r.backend == "hf"
+            and not getattr(backend, "samples_from_copy", False))
+
+
+def needs_old_pass(cfg: TrainConfig, run: RunModels, exact_sampler: bool) -> bool:
+    """pi_old needs its own pass unless the first minibatch's forward can stand for it: more than one update
+    per step, a shared critic (whose old values come with it), or KL in the reward from an inexact sampler."""
+    a = cfg.algorithm
+    return run.shared_critic or a.epochs * a.minibatches > 1 or (
+        a.kl_mode == "reward" and uses_reference(cfg) and not exact_sampler)
+
+
+def log_mismatch(acc: StatAccumulator, trainer_lp: torch.Tensor, sampler_lp: torch.Tensor | None,
+                 mask: torch.Tensor) -> None:
+    """|log pi_sampler - log pi_trainer| per token: must be float noise when both are the same policy."""
+    if sampler_lp is None:
+        return
+    gap = (trainer_lp - sampler_lp).abs() * mask
+    acc.maximum("rollout/logprob_mismatch_max", gap.max())
+    acc.mean("rollout/logprob_mismatch_mean", gap.sum() / mask.sum().clamp(min=1), mask.sum())
+
+
+@torch.no_grad()
+def no_grad_passes(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatAccumulator, *, cfg: TrainConfig,
+                   run: RunModels, dist: Dist, exact_sampler: bool) -> None:
+    """Fill rollout.old_logprobs_BT (and a shared critic's old_values_BT), ref_logprobs_BT and a separate
+    critic's old_values_BT, as the config needs them."""
+    a, r = cfg.algorithm, cfg.rollout
+    B, T = rollout.response_mask_BT.shape
+    device = rollout.response_mask_BT.device
+    minibatches = first_epoch_order.tensor_split(a.minibatches)
+    # Micro-batches aligned with the first epoch's, so the first minibatch's ratio is exactly 1.
+    micro = [mb for rows in minibatches for mb in micro_batches(rollout, rows, cfg, dist)]
+    no_grad_size = cfg.optim.no_grad_micro_batch_size
+    frozen_micro = micro if no_grad_size is None else [
+        make_micro_batch(rollout, rows) for rows in first_epoch_order.split(no_grad_size)]
+    if needs_old_pass(cfg, run, exact_sampler):
+        rollout.old_logprobs_BT = torch.zeros(B, T, device=device)
+        if run.shared_critic:
+            rollout.old_values_BT = torch.zeros(B, T, device=device)
+        policy = run.policy if run.compiled_policy is None else run.compiled_policy
+        for mb in micro:
+            lp, _, values = policy_logprobs_and_values(
+                policy, run.critic if run.shared_critic else None, mb, temperature=r.temperature,
+                with_entropy=False, autocast_dtype=run.autocast_dtype, share_prompts=run.share_prompts)
+            scatter_rows(rollout.old_logprobs_BT, mb, lp)
+            if values is not None:
+                scatter_rows(rollout.old_values_BT, mb, values)
+            log_mismatch(acc, lp, gather_rows(rollout.sampler_logprobs_BT, mb)
+                         if rollout.sampler_logprobs_BT is not None else None, mb.response_mask)
+    if uses_reference(cfg):
+        rollout.ref_logprobs_BT = torch.zeros(B, T, device=device)
+        with run.reference.active() as ref_model:
+            for mb in frozen_micro:
+                lp, _ = policy_logprobs(ref_model, mb, temperature=r.temperature, with_entropy=False,
+                                        autocast_dtype=run.autocast_dtype, share_prompts=run.share_prompts)
+                scatter_rows(rollout.ref_logprobs_BT, mb, lp)
+    if run.critic is not None and not run.shared_critic:
+        rollout.old_values_BT = torch.zeros(B, T, device=device)
+        for mb in frozen_micro:
+            scatter_rows(rollout.old_values_BT, mb, critic_values(run.critic, mb, autocast_dtype=run.autocast_dtype))
+
+
+def logprobs_before_update(rollout: Rollout, exact_sampler: bool) -> torch.Tensor | None:
+    """log pi_old for KL-in-reward and the KL statistic: the old pass, else the exact sampler log-probs."""
+    if rollout.old_logprobs_BT is not None:
+        return rollout.old_logprobs_BT
+    if exact_sampler:
+        return rollout.sampler_logprobs_BT
+    return None
