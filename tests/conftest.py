@@ -1,8 +1,12 @@
 """Test-wide settings."""
 
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # `from helpers import ...` in any test
 
 # One thread per test process: tests run two at a time (pytest -n 2) on two cores, and 2-thread torch runs
 # slow down 3-10x when another process holds a core (1 thread degrades gently). Subprocesses inherit it.

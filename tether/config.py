@@ -23,8 +23,8 @@ class ConfigError(ValueError):
     """A config that cannot run: unknown key, wrong type or a value out of range."""
 
 
-def F(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
-      gt: float | None = None, le: float | None = None, lt: float | None = None):
+def knob(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
+         gt: float | None = None, le: float | None = None, lt: float | None = None):
     """A documented field. Mutable defaults are copied per instance."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if isinstance(default, (list, dict)):
@@ -34,42 +34,42 @@ def F(default: Any, help: str, *, choices: tuple | None = None, ge: float | None
 
 @dataclass
 class LoraConfig:
-    r: int = F(0, "LoRA rank; 0 trains the full model.", ge=0)
-    alpha: float = F(16.0, "LoRA scaling numerator (scale = alpha / r).", gt=0)
-    dropout: float = F(0.0, "Dropout on the LoRA input.", ge=0, lt=1)
-    target_modules: list = F(["q_proj", "k_proj", "v_proj", "o_proj"],
-                             "Module names that get adapters (peft's target_modules); 'all-linear' for all.")
+    r: int = knob(0, "LoRA rank; 0 trains the full model.", ge=0)
+    alpha: float = knob(16.0, "LoRA scaling numerator (scale = alpha / r).", gt=0)
+    dropout: float = knob(0.0, "Dropout on the LoRA input.", ge=0, lt=1)
+    target_modules: list = knob(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                "Module names that get adapters (peft's target_modules); 'all-linear' for all.")
 
 
 @dataclass
 class ModelConfig:
-    path: str | None = F(None, "Policy: a hub name or local path of an AutoModelForCausalLM. Empty with a "
-                               "built-in task: the built-in tiny model is built and SFT-trained first.")
-    ref_path: str | None = F(None, "Reference policy path; default: a frozen copy of the initial policy.")
-    critic_path: str | None = F(None, "Critic backbone path; default: the policy's initial weights.")
-    trust_remote_code: bool = F(False, "Allow model repositories to run their own Python code. Off: only "
-                                       "turn on for code you have read.")
-    dtype: str = F("float32", "Dtype of the policy's weights. bfloat16 alone trains the bf16 weights directly "
-                              "(small updates round away); add model.master_weights=true for fp32 masters.",
-                   choices=("float32", "bfloat16", "float16"))
-    autocast: str | None = F(None, "Run forward passes under autocast in this dtype (e.g. bfloat16); "
-                                   "log-prob math stays float32.", choices=(None, "bfloat16", "float16"))
-    frozen_dtype: str = F("auto", "Dtype of frozen models (reference, reward model). auto: model.autocast's "
-                                  "dtype if set (their passes run in it anyway; half the memory, no casts), "
-                                  "else model.dtype.",
-                          choices=("auto", "float32", "bfloat16", "float16"))
-    master_weights: bool = F(False, "With model.dtype=bfloat16/float16: the model computes (forward, backward, "
-                                     "sampling) in that dtype while AdamW steps float32 master copies, with "
-                                     "gradients accumulated in float32 (classic mixed precision; faster and "
-                                     "smaller than model.autocast on CPU). One process only for now.")
-    compile: bool = F(False, "torch.compile the policy for its training and pi_old forwards (dynamic shapes: "
-                              "no recompile as completion lengths change): element-wise work fused, about a "
-                              "fifth off the update (47M model, bf16, CPU), after a first compile of 0.5-1.5 "
-                              "minutes. For long runs; one process for now.")
-    gradient_checkpointing: bool = F(False, "Recompute activations in the backward pass to save memory.")
-    chat_template: bool = F(False, "Wrap each prompt as a user turn with the tokenizer's chat template.")
-    disable_dropout: bool = F(True, "Set every dropout probability to 0 so that pi_old == pi_theta at the "
-                                    "first minibatch (standard in RL fine-tuning).")
+    path: str | None = knob(None, "Policy: a hub name or local path of an AutoModelForCausalLM. Empty with a "
+                                  "built-in task: the built-in tiny model is built and SFT-trained first.")
+    ref_path: str | None = knob(None, "Reference policy path; default: a frozen copy of the initial policy.")
+    critic_path: str | None = knob(None, "Critic backbone path; default: the policy's initial weights.")
+    trust_remote_code: bool = knob(False, "Allow model repositories to run their own Python code. Off: only "
+                                          "turn on for code you have read.")
+    dtype: str = knob("float32", "Dtype of the policy's weights. bfloat16 alone trains the bf16 weights directly "
+                                 "(small updates round away); add model.master_weights=true for fp32 masters.",
+                      choices=("float32", "bfloat16", "float16"))
+    autocast: str | None = knob(None, "Run forward passes under autocast in this dtype (e.g. bfloat16); "
+                                      "log-prob math stays float32.", choices=(None, "bfloat16", "float16"))
+    frozen_dtype: str = knob("auto", "Dtype of frozen models (reference, reward model). auto: model.autocast's "
+                                     "dtype if set (their passes run in it anyway; half the memory, no casts), "
+                                     "else model.dtype.",
+                             choices=("auto", "float32", "bfloat16", "float16"))
+    master_weights: bool = knob(False, "With model.dtype=bfloat16/float16: the model computes (forward, backward, "
+                                        "sampling) in that dtype while AdamW steps float32 master copies, with "
+                                        "gradients accumulated in float32 (classic mixed precision; faster and "
+                                        "smaller than model.autocast on CPU). One process only for now.")
+    compile: bool = knob(False, "torch.compile the policy for its training and pi_old forwards (dynamic shapes: "
+                                 "no recompile as completion lengths change): element-wise work fused, about a "
+                                 "fifth off the update (47M model, bf16, CPU), after a first compile of 0.5-1.5 "
+                                 "minutes. For long runs; one process for now.")
+    gradient_checkpointing: bool = knob(False, "Recompute activations in the backward pass to save memory.")
+    chat_template: bool = knob(False, "Wrap each prompt as a user turn with the tokenizer's chat template.")
+    disable_dropout: bool = knob(True, "Set every dropout probability to 0 so that pi_old == pi_theta at the "
+                                       "first minibatch (standard in RL fine-tuning).")
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters on the policy."})
 
     def frozen_dtype_name(self) -> str:
@@ -81,213 +81,213 @@ class ModelConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = F("hf", "Generation backend: HF generate, or vLLM (GPU, optional extra).",
-                     choices=("hf", "vllm"))
-    prompts_per_step: int = F(8, "Prompts drawn per step.", ge=1)
-    group_size: int = F(4, "Completions sampled per prompt (G).", ge=1)
-    max_new_tokens: int = F(16, "Maximum completion length in tokens.", ge=1)
-    temperature: float = F(1.0, "Sampling temperature; log-probs are of logits / temperature.", gt=0)
-    top_p: float = F(1.0, "Nucleus sampling mass (1.0 = off).", gt=0, le=1)
-    top_k: int = F(0, "Top-k sampling (0 = off).", ge=0)
-    stop_strings: list = F([], "Extra strings that end a completion (EOS always does).")
-    max_prompt_tokens: int | None = F(None, "Longest prompt allowed; default: context window - max_new_tokens.")
-    micro_batch_size: int = F(64, "Sequences per generate call.", ge=1)
-    weights_dtype: str = F("auto", "Weights the HF sampler runs on: 'policy' (the policy itself, under "
-                                   "model.autocast if set), or a copy of the policy in this dtype, refreshed "
-                                   "after every optimiser step (bfloat16: +2 bytes per parameter, ~25% faster "
-                                   "sampling on CPU than autocast). auto: bfloat16 when model.autocast=bfloat16 "
-                                   "without FSDP, else policy.",
-                           choices=("auto", "policy", "float32", "bfloat16", "float16"))
-    compile: bool = F(False, "HF backend: torch.compile the model's forward while it samples (dynamic shapes; "
-                             "the per-token element-wise work fused). Costs a first compile of about half a "
-                             "minute; for long runs.")
-    decode_attention: str = F("auto", "HF backend, CPU: attention of each one-token decode step of a model on "
-                                      "SDPA. 'matmul': q.k and p.v as small matmuls, float32 softmax (a third "
-                                      "off sampling where SDPA's CPU flash kernel is slow at one query token); "
-                                      "'model': the model's own attention; auto: matmul unless the CPU has "
-                                      "AMX.", choices=("auto", "matmul", "model"))
-    packed_linears: bool = F(True, "HF backend, CPU: run the linear layers on weights packed into oneDNN's "
-                                   "blocked layout once per generate call, instead of re-laid-out at every "
-                                   "matmul (47M model on CPU: a tenth off sampling in bf16 in the trainer, up to "
-                                   "a third standalone in float32). Holds a copy of the linear weights while "
-                                   "sampling. Off under autocast and rollout.compile.")
-    logprob_tolerance: float = F(1e-3, "Max |sampler - trainer| log-prob gap tolerated before a warning.",
-                                 gt=0)
-    vllm_gpu_memory_utilization: float = F(0.3, "vLLM backend: share of GPU memory for its KV cache.",
-                                           gt=0, le=1)
+    backend: str = knob("hf", "Generation backend: HF generate, or vLLM (GPU, optional extra).",
+                        choices=("hf", "vllm"))
+    prompts_per_step: int = knob(8, "Prompts drawn per step.", ge=1)
+    group_size: int = knob(4, "Completions sampled per prompt (G).", ge=1)
+    max_new_tokens: int = knob(16, "Maximum completion length in tokens.", ge=1)
+    temperature: float = knob(1.0, "Sampling temperature; log-probs are of logits / temperature.", gt=0)
+    top_p: float = knob(1.0, "Nucleus sampling mass (1.0 = off).", gt=0, le=1)
+    top_k: int = knob(0, "Top-k sampling (0 = off).", ge=0)
+    stop_strings: list = knob([], "Extra strings that end a completion (EOS always does).")
+    max_prompt_tokens: int | None = knob(None, "Longest prompt allowed; default: context window - max_new_tokens.")
+    micro_batch_size: int = knob(64, "Sequences per generate call.", ge=1)
+    weights_dtype: str = knob("auto", "Weights the HF sampler runs on: 'policy' (the policy itself, under "
+                                      "model.autocast if set), or a copy of the policy in this dtype, refreshed "
+                                      "after every optimiser step (bfloat16: +2 bytes per parameter, ~25% faster "
+                                      "sampling on CPU than autocast). auto: bfloat16 when model.autocast=bfloat16 "
+                                      "without FSDP, else policy.",
+                              choices=("auto", "policy", "float32", "bfloat16", "float16"))
+    compile: bool = knob(False, "HF backend: torch.compile the model's forward while it samples (dynamic shapes; "
+                                "the per-token element-wise work fused). Costs a first compile of about half a "
+                                "minute; for long runs.")
+    decode_attention: str = knob("auto", "HF backend, CPU: attention of each one-token decode step of a model on "
+                                         "SDPA. 'matmul': q.k and p.v as small matmuls, float32 softmax (a third "
+                                         "off sampling where SDPA's CPU flash kernel is slow at one query token); "
+                                         "'model': the model's own attention; auto: matmul unless the CPU has "
+                                         "AMX.", choices=("auto", "matmul", "model"))
+    packed_linears: bool = knob(True, "HF backend, CPU: run the linear layers on weights packed into oneDNN's "
+                                      "blocked layout once per generate call, instead of re-laid-out at every "
+                                      "matmul (47M model on CPU: a tenth off sampling in bf16 in the trainer, up to "
+                                      "a third standalone in float32). Holds a copy of the linear weights while "
+                                      "sampling. Off under autocast and rollout.compile.")
+    logprob_tolerance: float = knob(1e-3, "Max |sampler - trainer| log-prob gap tolerated before a warning.",
+                                    gt=0)
+    vllm_gpu_memory_utilization: float = knob(0.3, "vLLM backend: share of GPU memory for its KV cache.",
+                                              gt=0, le=1)
 
 
 @dataclass
 class AlgorithmConfig:
-    name: str = F("grpo", "Preset the other fields start from.",
-                  choices=("ppo", "grpo", "dr_grpo", "dapo", "rloo", "reinforce"))
-    advantage: str = F("grpo", "Advantage estimator (tether.core.advantages.ADVANTAGES).",
-                       choices=("gae", "reinforce", "batch_mean", "grpo", "rloo"))
-    std_scale: str = F("group", "Divide outcome advantages by the group or batch std of scores.",
-                       choices=("none", "group", "batch"))
-    whiten_advantages: bool = F(False, "Whiten advantages over the batch's completion tokens.")
-    policy_loss: str = F("clipped", "Policy loss (tether.core.losses.POLICY_LOSSES).",
-                         choices=("reinforce", "clipped", "clipped_sequence"))
-    eps_low: float = F(0.2, "Clip range below 1 for the ratio.", gt=0, lt=1)
-    eps_high: float = F(0.2, "Clip range above 1 for the ratio.", gt=0)
-    dual_clip: float | None = F(None, "Dual-clip bound c > 1 for negative advantages (None = off).", gt=1)
-    aggregation: str = F("seq_mean_token_mean", "How per-token losses become one number "
-                         "(tether.core.losses.AGGREGATIONS).",
-                         choices=("seq_mean_token_mean", "token_mean", "seq_mean_token_sum",
-                                  "seq_mean_token_sum_norm"))
-    kl_mode: str = F("loss", "Where the KL to the reference enters: per-token reward, the loss, or nowhere.",
-                     choices=("reward", "loss", "none"))
-    kl_estimator: str = F("k3", "Sampled KL estimator (k1 log-ratio, k2 half squared, k3 Schulman).",
-                          choices=("k1", "k2", "k3"))
-    beta: float = F(0.04, "KL coefficient (initial value when adaptive).", ge=0)
-    kl_target: float | None = F(None, "Target KL per token; set it to adapt beta (Ziegler et al.).", gt=0)
-    kl_horizon: int = F(10000, "Adaptive beta horizon, in sequences.", ge=1)
-    gamma: float = F(1.0, "GAE discount.", ge=0, le=1)
-    lam: float = F(0.95, "GAE lambda.", ge=0, le=1)
-    value_coef: float = F(0.5, "Value-loss coefficient c_v (needs a critic).", ge=0)
-    value_clip: float | None = F(0.2, "Clip value predictions around the old values (None = off).", gt=0)
-    entropy_coef: float = F(0.0, "Entropy bonus coefficient c_ent.", ge=0)
-    epochs: int = F(1, "Passes (K) over each batch.", ge=1)
-    minibatches: int = F(1, "Optimiser steps (M) per epoch; must divide the batch.", ge=1)
-    target_approx_kl: float | None = F(None, "Stop the epochs early when approx KL(old, new) passes this.",
-                                       gt=0)
-    filter_groups: bool = F(False, "DAPO dynamic sampling: drop groups whose rewards are all equal and "
-                                   "refill from new prompts.")
-    max_filter_rounds: int = F(3, "Extra generation rounds allowed to refill filtered groups.", ge=0)
-    use_critic: bool = F(False, "Train a value head (needed by the gae estimator).")
-    critic: str = F("separate", "separate: the critic is a second transformer (model.critic_path, default the "
-                                "policy's initial weights) with a value head. shared: a value head on the "
-                                "policy's own last hidden states; one forward and backward serve both losses "
-                                "and the value loss (x value_coef) also trains the policy's trunk (PPO at "
-                                "close to GRPO's cost).", choices=("separate", "shared"))
-    tis_cap: float | None = F(None, "Truncated importance sampling: weight each token by min(pi_old / "
-                                    "pi_sampler, cap) to correct sampler/trainer mismatch.", gt=0)
+    name: str = knob("grpo", "Preset the other fields start from.",
+                     choices=("ppo", "grpo", "dr_grpo", "dapo", "rloo", "reinforce"))
+    advantage: str = knob("grpo", "Advantage estimator (tether.core.advantages.ADVANTAGES).",
+                          choices=("gae", "reinforce", "batch_mean", "grpo", "rloo"))
+    std_scale: str = knob("group", "Divide outcome advantages by the group or batch std of scores.",
+                          choices=("none", "group", "batch"))
+    whiten_advantages: bool = knob(False, "Whiten advantages over the batch's completion tokens.")
+    policy_loss: str = knob("clipped", "Policy loss (tether.core.losses.POLICY_LOSSES).",
+                            choices=("reinforce", "clipped", "clipped_sequence"))
+    eps_low: float = knob(0.2, "Clip range below 1 for the ratio.", gt=0, lt=1)
+    eps_high: float = knob(0.2, "Clip range above 1 for the ratio.", gt=0)
+    dual_clip: float | None = knob(None, "Dual-clip bound c > 1 for negative advantages (None = off).", gt=1)
+    aggregation: str = knob("seq_mean_token_mean", "How per-token losses become one number "
+                            "(tether.core.losses.AGGREGATIONS).",
+                            choices=("seq_mean_token_mean", "token_mean", "seq_mean_token_sum",
+                                     "seq_mean_token_sum_norm"))
+    kl_mode: str = knob("loss", "Where the KL to the reference enters: per-token reward, the loss, or nowhere.",
+                        choices=("reward", "loss", "none"))
+    kl_estimator: str = knob("k3", "Sampled KL estimator (k1 log-ratio, k2 half squared, k3 Schulman).",
+                             choices=("k1", "k2", "k3"))
+    beta: float = knob(0.04, "KL coefficient (initial value when adaptive).", ge=0)
+    kl_target: float | None = knob(None, "Target KL per token; set it to adapt beta (Ziegler et al.).", gt=0)
+    kl_horizon: int = knob(10000, "Adaptive beta horizon, in sequences.", ge=1)
+    gamma: float = knob(1.0, "GAE discount.", ge=0, le=1)
+    lam: float = knob(0.95, "GAE lambda.", ge=0, le=1)
+    value_coef: float = knob(0.5, "Value-loss coefficient c_v (needs a critic).", ge=0)
+    value_clip: float | None = knob(0.2, "Clip value predictions around the old values (None = off).", gt=0)
+    entropy_coef: float = knob(0.0, "Entropy bonus coefficient c_ent.", ge=0)
+    epochs: int = knob(1, "Passes (K) over each batch.", ge=1)
+    minibatches: int = knob(1, "Optimiser steps (M) per epoch; must divide the batch.", ge=1)
+    target_approx_kl: float | None = knob(None, "Stop the epochs early when approx KL(old, new) passes this.",
+                                          gt=0)
+    filter_groups: bool = knob(False, "DAPO dynamic sampling: drop groups whose rewards are all equal and "
+                                      "refill from new prompts.")
+    max_filter_rounds: int = knob(3, "Extra generation rounds allowed to refill filtered groups.", ge=0)
+    use_critic: bool = knob(False, "Train a value head (needed by the gae estimator).")
+    critic: str = knob("separate", "separate: the critic is a second transformer (model.critic_path, default the "
+                                   "policy's initial weights) with a value head. shared: a value head on the "
+                                   "policy's own last hidden states; one forward and backward serve both losses "
+                                   "and the value loss (x value_coef) also trains the policy's trunk (PPO at "
+                                   "close to GRPO's cost).", choices=("separate", "shared"))
+    tis_cap: float | None = knob(None, "Truncated importance sampling: weight each token by min(pi_old / "
+                                       "pi_sampler, cap) to correct sampler/trainer mismatch.", gt=0)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = F(1e-5, "Policy learning rate (AdamW).", gt=0)
-    critic_lr: float = F(1e-5, "Critic learning rate (AdamW).", gt=0)
-    weight_decay: float = F(0.0, "AdamW weight decay.", ge=0)
-    betas: list = F([0.9, 0.999], "AdamW betas.")
-    adam_eps: float = F(1e-8, "AdamW epsilon in the denominator sqrt(v) + eps. It bounds how much a "
-                              "gradient near 0 (float noise, say) can move a weight: by up to lr * g / eps.",
-                        gt=0)
-    max_grad_norm: float | None = F(1.0, "Gradient-norm clip (None = off).", gt=0)
-    schedule: str = F("constant", "Learning-rate schedule after warm-up.",
-                      choices=("constant", "linear", "cosine"))
-    warmup_steps: int = F(0, "Optimiser steps of linear warm-up.", ge=0)
-    micro_batch_size: int = F(32, "Sequences per forward/backward (gradient accumulation inside a "
-                                  "minibatch).", ge=1)
-    token_budget: int | None = F(None, "If set, micro-batches are formed by padded-token budget instead of "
-                                       "a fixed count (sequences sorted by length).", ge=1)
-    no_grad_micro_batch_size: int | None = F(None, "Sequences per forward of the reference and of a separate "
-                                                   "critic's old values (no activations are kept, so it can "
-                                                   "exceed micro_batch_size); default: micro_batch_size. The "
-                                                   "pi_old pass always follows the training micro-batches.",
-                                             ge=1)
-    share_prompts: bool = F(True, "Rows that share a prompt (a group's completions) run the prompt once and "
-                                  "read its KV cache, in sampling's prefill and in every policy and reference "
-                                  "pass: the same log-probs and gradients up to float order, for G x fewer "
-                                  "prompt positions. The passes do not share under gradient checkpointing.")
-    max_bad_steps: int = F(3, "Consecutive non-finite steps tolerated before the run stops.", ge=1)
-    max_weight_growth: float = F(4.0, "A step that changes a model's weight norm by more than this factor "
-                                      "(up or down) is an unstable update: a warning, and from then on the "
-                                      "run's checkpoints are marked unhealthy, so that pruning keeps the last "
-                                      "healthy one.", gt=1)
+    lr: float = knob(1e-5, "Policy learning rate (AdamW).", gt=0)
+    critic_lr: float = knob(1e-5, "Critic learning rate (AdamW).", gt=0)
+    weight_decay: float = knob(0.0, "AdamW weight decay.", ge=0)
+    betas: list = knob([0.9, 0.999], "AdamW betas.")
+    adam_eps: float = knob(1e-8, "AdamW epsilon in the denominator sqrt(v) + eps. It bounds how much a "
+                                 "gradient near 0 (float noise, say) can move a weight: by up to lr * g / eps.",
+                           gt=0)
+    max_grad_norm: float | None = knob(1.0, "Gradient-norm clip (None = off).", gt=0)
+    schedule: str = knob("constant", "Learning-rate schedule after warm-up.",
+                         choices=("constant", "linear", "cosine"))
+    warmup_steps: int = knob(0, "Optimiser steps of linear warm-up.", ge=0)
+    micro_batch_size: int = knob(32, "Sequences per forward/backward (gradient accumulation inside a "
+                                     "minibatch).", ge=1)
+    token_budget: int | None = knob(None, "If set, micro-batches are formed by padded-token budget instead of "
+                                          "a fixed count (sequences sorted by length).", ge=1)
+    no_grad_micro_batch_size: int | None = knob(None, "Sequences per forward of the reference and of a separate "
+                                                      "critic's old values (no activations are kept, so it can "
+                                                      "exceed micro_batch_size); default: micro_batch_size. The "
+                                                      "pi_old pass always follows the training micro-batches.",
+                                                ge=1)
+    share_prompts: bool = knob(True, "Rows that share a prompt (a group's completions) run the prompt once and "
+                                     "read its KV cache, in sampling's prefill and in every policy and reference "
+                                     "pass: the same log-probs and gradients up to float order, for G x fewer "
+                                     "prompt positions. The passes do not share under gradient checkpointing.")
+    max_bad_steps: int = knob(3, "Consecutive non-finite steps tolerated before the run stops.", ge=1)
+    max_weight_growth: float = knob(4.0, "A step that changes a model's weight norm by more than this factor "
+                                         "(up or down) is an unstable update: a warning, and from then on the "
+                                         "run's checkpoints are marked unhealthy, so that pruning keeps the last "
+                                         "healthy one.", gt=1)
 
 
 @dataclass
 class RewardConfig:
-    functions: list = F([], "Reward functions: entries 'module:function', 'path.py:function', "
-                            "'builtin:name', or {spec: ..., weight: 1.0, kwargs: {...}} (kwargs build a "
-                            "factory such as builtin:format).")
-    task_reward: bool = F(True, "With data.source=task:NAME, score with the task's own verifiable reward too.")
-    reward_model: str | None = F(None, "Path of an AutoModelForSequenceClassification reward model.")
-    reward_model_weight: float = F(1.0, "Weight of the reward model's score.")
-    reward_model_batch_size: int = F(16, "Reward-model micro-batch.", ge=1)
-    normalize: bool = F(False, "Running normalisation of reward-model scores.")
-    clip: float | None = F(None, "Clip reward-model scores to [-clip, clip].", gt=0)
-    on_error: str = F("raise", "A reward function that fails: stop with an error, or score the sample "
-                               "None and count it.", choices=("raise", "none"))
-    timeout_s: float | None = F(None, "Per-call timeout of a reward function.", gt=0)
+    functions: list = knob([], "Reward functions: entries 'module:function', 'path.py:function', "
+                               "'builtin:name', or {spec: ..., weight: 1.0, kwargs: {...}} (kwargs build a "
+                               "factory such as builtin:format).")
+    task_reward: bool = knob(True, "With data.source=task:NAME, score with the task's own verifiable reward too.")
+    reward_model: str | None = knob(None, "Path of an AutoModelForSequenceClassification reward model.")
+    reward_model_weight: float = knob(1.0, "Weight of the reward model's score.")
+    reward_model_batch_size: int = knob(16, "Reward-model micro-batch.", ge=1)
+    normalize: bool = knob(False, "Running normalisation of reward-model scores.")
+    clip: float | None = knob(None, "Clip reward-model scores to [-clip, clip].", gt=0)
+    on_error: str = knob("raise", "A reward function that fails: stop with an error, or score the sample "
+                                  "None and count it.", choices=("raise", "none"))
+    timeout_s: float | None = knob(None, "Per-call timeout of a reward function.", gt=0)
 
 
 @dataclass
 class DataConfig:
-    source: str | None = F(None, "Prompts: a .jsonl/.json/.csv/.parquet file, a dataset saved with "
-                                 "datasets, or 'task:NAME' for a built-in task.")
-    prompt_column: str = F("prompt", "Column holding the prompt; other columns go to reward functions.")
-    on_bad_row: str = F("skip", "Malformed rows: skip them (counted, logged) or stop.",
-                        choices=("skip", "error"))
-    shuffle: bool = F(True, "Shuffle prompts each epoch.")
+    source: str | None = knob(None, "Prompts: a .jsonl/.json/.csv/.parquet file, a dataset saved with "
+                                    "datasets, or 'task:NAME' for a built-in task.")
+    prompt_column: str = knob("prompt", "Column holding the prompt; other columns go to reward functions.")
+    on_bad_row: str = knob("skip", "Malformed rows: skip them (counted, logged) or stop.",
+                           choices=("skip", "error"))
+    shuffle: bool = knob(True, "Shuffle prompts each epoch.")
 
 
 @dataclass
 class TaskConfig:
-    name: str | None = F(None, "Built-in task (tether.tasks.TASKS) for the default pipeline and eval.")
-    train_size: int = F(20000, "Training prompts generated for a built-in task.", ge=1)
-    eval_size: int = F(200, "Held-out prompts for greedy evaluation.", ge=1)
-    options: dict = F({}, "Task options (e.g. digits, partial_credit).")
-    sft: bool = F(True, "Pipeline: SFT the built tiny model on the task's demonstrations first.")
-    sft_steps: int | None = F(None, "Pipeline: SFT steps (default: the task's tuned budget).", ge=1)
-    model_size: dict = F({}, "Pipeline: tiny-model shape overrides (hidden_size, num_layers, num_heads).")
+    name: str | None = knob(None, "Built-in task (tether.tasks.TASKS) for the default pipeline and eval.")
+    train_size: int = knob(20000, "Training prompts generated for a built-in task.", ge=1)
+    eval_size: int = knob(200, "Held-out prompts for greedy evaluation.", ge=1)
+    options: dict = knob({}, "Task options (e.g. digits, partial_credit).")
+    sft: bool = knob(True, "Pipeline: SFT the built tiny model on the task's demonstrations first.")
+    sft_steps: int | None = knob(None, "Pipeline: SFT steps (default: the task's tuned budget).", ge=1)
+    model_size: dict = knob({}, "Pipeline: tiny-model shape overrides (hidden_size, num_layers, num_heads).")
 
 
 @dataclass
 class LoggingConfig:
-    run_dir: str | None = F(None, "Run directory; default runs/<time>-<algorithm>.")
-    log_every: int = F(1, "Steps between progress lines (metrics.jsonl gets every step).", ge=1)
-    samples_every: int = F(10, "Steps between writes to samples.jsonl.", ge=1)
-    samples_per_step: int = F(4, "Completions written to samples.jsonl each time.", ge=0)
-    eval_every: int | None = F(None, "Steps between greedy evaluations on a task (None = start/end only).",
-                               ge=1)
-    tensorboard: bool = F(True, "Write TensorBoard event files.")
-    wandb: bool = F(False, "Log to Weights & Biases (needs `pip install wandb`).")
-    wandb_project: str | None = F(None, "W&B project.")
-    report: bool = F(True, "Write report.html at the end.")
-    progress: bool = F(True, "Show a live progress bar.")
-    overwrite: bool = F(False, "Start a new run in a logging.run_dir that already holds one, deleting its "
-                               "checkpoints and logs first (`tether train --overwrite`). Without it, such a "
-                               "directory is refused unless the run resumes.")
+    run_dir: str | None = knob(None, "Run directory; default runs/<time>-<algorithm>.")
+    log_every: int = knob(1, "Steps between progress lines (metrics.jsonl gets every step).", ge=1)
+    samples_every: int = knob(10, "Steps between writes to samples.jsonl.", ge=1)
+    samples_per_step: int = knob(4, "Completions written to samples.jsonl each time.", ge=0)
+    eval_every: int | None = knob(None, "Steps between greedy evaluations on a task (None = start/end only).",
+                                  ge=1)
+    tensorboard: bool = knob(True, "Write TensorBoard event files.")
+    wandb: bool = knob(False, "Log to Weights & Biases (needs `pip install wandb`).")
+    wandb_project: str | None = knob(None, "W&B project.")
+    report: bool = knob(True, "Write report.html at the end.")
+    progress: bool = knob(True, "Show a live progress bar.")
+    overwrite: bool = knob(False, "Start a new run in a logging.run_dir that already holds one, deleting its "
+                                  "checkpoints and logs first (`tether train --overwrite`). Without it, such a "
+                                  "directory is refused unless the run resumes.")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int | None = F(None, "Steps between checkpoints (None = only at the end).", ge=1)
-    keep_last: int = F(2, "Complete checkpoints kept.", ge=1)
-    resume: str | None = F(None, "'latest' (what `tether train --resume` sets): continue from the newest "
-                                 "checkpoint of the run that verifies, an error if there is none; 'auto': the "
-                                 "same, or start fresh (said in the log) when there is no checkpoint; or a "
-                                 "checkpoint path. Without logging.run_dir, both look for the newest run of "
-                                 "the same config under runs/. None: start a new run, refused when "
-                                 "logging.run_dir already holds one (see logging.overwrite).")
-    save_final: bool = F(True, "Save a checkpoint after the last step.")
-    on_write_error: str = F("stop", "A checkpoint that cannot be written (disk full, permissions): 'stop' the "
-                                    "run with an error naming the path and the cause, or 'continue' training "
-                                    "without that checkpoint (a warning).", choices=("stop", "continue"))
+    every: int | None = knob(None, "Steps between checkpoints (None = only at the end).", ge=1)
+    keep_last: int = knob(2, "Complete checkpoints kept.", ge=1)
+    resume: str | None = knob(None, "'latest' (what `tether train --resume` sets): continue from the newest "
+                                    "checkpoint of the run that verifies, an error if there is none; 'auto': the "
+                                    "same, or start fresh (said in the log) when there is no checkpoint; or a "
+                                    "checkpoint path. Without logging.run_dir, both look for the newest run of "
+                                    "the same config under runs/. None: start a new run, refused when "
+                                    "logging.run_dir already holds one (see logging.overwrite).")
+    save_final: bool = knob(True, "Save a checkpoint after the last step.")
+    on_write_error: str = knob("stop", "A checkpoint that cannot be written (disk full, permissions): 'stop' the "
+                                       "run with an error naming the path and the cause, or 'continue' training "
+                                       "without that checkpoint (a warning).", choices=("stop", "continue"))
 
 
 @dataclass
 class DistributedConfig:
-    strategy: str = F("ddp", "With several ranks: replicate (DDP) or shard (FSDP2) the trained models.",
-                      choices=("ddp", "fsdp"))
-    backend: str | None = F(None, "torch.distributed backend; default nccl on GPU, gloo on CPU.")
+    strategy: str = knob("ddp", "With several ranks: replicate (DDP) or shard (FSDP2) the trained models.",
+                         choices=("ddp", "fsdp"))
+    backend: str | None = knob(None, "torch.distributed backend; default nccl on GPU, gloo on CPU.")
 
 
 @dataclass
 class TrainConfig:
-    seed: int = F(0, "Seed for every random draw (torch, python, data order, sampling).")
-    steps: int = F(100, "Training steps (one batch of rollouts each).", ge=1)
-    device: str = F("auto", "cpu, cuda, cuda:N, or auto.")
-    threads: str | None = F("auto", "CPU threads for torch: 'auto' uses the cores other processes leave idle, "
-                                    "re-measured between steps (two threads beside a busy process ran a "
-                                    "small-model step 10x slower than one); an integer fixes the count, and "
-                                    "with it the float order of reductions; None: torch's default.")
-    keep_freed_memory: bool = F(True, "Have glibc's malloc keep freed host memory for reuse (mmap threshold "
-                                "32 MiB, no trimming) instead of page-faulting it back every step: about -10% "
-                                "CPU step time at equal peak RSS; RSS stays at its peak. The first step's "
-                                "one-off garbage (compilation) is handed back once after it. Process-wide.")
+    seed: int = knob(0, "Seed for every random draw (torch, python, data order, sampling).")
+    steps: int = knob(100, "Training steps (one batch of rollouts each).", ge=1)
+    device: str = knob("auto", "cpu, cuda, cuda:N, or auto.")
+    threads: str | None = knob("auto", "CPU threads for torch: 'auto' uses the cores other processes leave idle, "
+                                       "re-measured between steps (two threads beside a busy process ran a "
+                                       "small-model step 10x slower than one); an integer fixes the count, and "
+                                       "with it the float order of reductions; None: torch's default.")
+    keep_freed_memory: bool = knob(True, "Have glibc's malloc keep freed host memory for reuse (mmap threshold "
+                                   "32 MiB, no trimming) instead of page-faulting it back every step: about -10% "
+                                   "CPU step time at equal peak RSS; RSS stays at its peak. The first step's "
+                                   "one-off garbage (compilation) is handed back once after it. Process-wide.")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Models."})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Sampling."})
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig, metadata={"help": "The algorithm."})

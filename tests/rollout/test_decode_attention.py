@@ -135,3 +135,25 @@ def test_onednn_isa_cap_hides_amx_from_auto(monkeypatch, cap, amx):
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     assert use_matmul_decode("auto") is (not amx)
+
+
+def test_a_moved_transformers_internal_turns_the_speed_up_off_not_the_import(tmp_path, monkeypatch, caplog):
+    """Registration happens on first use, guarded: with transformers' interface gone, sampling keeps the
+    model's own attention (a warning), and importing the sampler never fails."""
+    import sys
+    import types
+
+    from tether.rollout import decode_attention
+
+    decode_attention.registered.cache_clear()
+    monkeypatch.setitem(sys.modules, "transformers.masking_utils", types.ModuleType("transformers.masking_utils"))
+    path = build_tiny_model(tmp_path / "m", hidden_size=32, num_layers=1)
+    model = load_causal_lm(str(path))
+    with caplog.at_level("WARNING", logger="tether"):
+        with decode_attention.installed(model):
+            assert model.config._attn_implementation == "sdpa"
+    assert "attention interface is not where it was" in caplog.text
+    decode_attention.registered.cache_clear()
+    monkeypatch.undo()
+    with decode_attention.installed(model):
+        assert model.config._attn_implementation == decode_attention.NAME

@@ -6,24 +6,13 @@ import math
 
 import pytest
 import torch
+from helpers import PROMPTS, digit_fraction
 
 from tether.config import ConfigError, resolve_config
 from tether.models import SharedValueHead
 from tether.rewards.functions import RewardError, RewardScorer
 from tether.tasks.tiny_model import build_tiny_model
 from tether.train.loop import Trainer, TrainingError
-
-PROMPTS = [{"prompt": c} for c in "abcdefghijklmnop"]
-
-
-def digit_fraction(prompts, completions, **_):
-    """Learnable from scratch: ~10% of a random char model's tokens are digits; more digits, more reward."""
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("llama"), hidden_size=32, num_layers=2, seed=0))
 
 
 @pytest.fixture(scope="module")

@@ -7,25 +7,14 @@ import math
 
 import pytest
 import torch
+from helpers import PROMPTS, digit_fraction
 from transformers import AutoModelForCausalLM
 
 from tether import models as M
 from tether.config import resolve_config
 from tether.rewards.functions import RewardScorer
-from tether.tasks.tiny_model import build_tiny_model
 from tether.train.forward import policy_logprobs, split_micro_batches
 from tether.train.loop import Trainer
-
-PROMPTS = [{"prompt": c} for c in "abcdefghijklmnop"]
-
-
-def digit_fraction(prompts, completions, **_):
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("llama"), hidden_size=32, num_layers=2, seed=0))
 
 
 def make_trainer(path, algo="grpo", run_dir=None, **over) -> Trainer:

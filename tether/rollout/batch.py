@@ -34,6 +34,7 @@ class Rollout:
     scores_B: torch.Tensor | None = None
     valid_B: torch.Tensor | None = None
     reward_stats: dict = field(default_factory=dict)
+    scored_rows: int = 0  # how many rows `reward_stats` describe (the round as scored, before any filtering)
     old_logprobs_BT: torch.Tensor | None = None
     ref_logprobs_BT: torch.Tensor | None = None
     old_values_BT: torch.Tensor | None = None
@@ -101,4 +102,34 @@ class Rollout:
             vals = [getattr(p, name) for p in parts]
             if all(v is not None for v in vals):
                 setattr(out, name, torch.cat(vals))
+        out.reward_stats = merge_reward_stats([(p.reward_stats, p.scored_rows) for p in parts])
+        out.scored_rows = sum(p.scored_rows for p in parts)
         return out
+
+
+def merge_reward_stats(parts: list[tuple[dict, int]]) -> dict:
+    """The per-function reward figures of several scored rounds as if scored together, exactly: rates weighted
+    by rows, means and (population) stds of the scored samples from each round's count, mean and std."""
+    parts = [(stats, n) for stats, n in parts if stats and n]
+    if len(parts) <= 1:
+        return dict(parts[0][0]) if parts else {}
+    names = sorted({k[len("reward/"):-len("/mean")] for stats, _ in parts for k in stats
+                    if k.startswith("reward/") and k.endswith("/mean")})
+    total = sum(n for _, n in parts)
+    out: dict[str, float] = {}
+    for name in names:
+        key = f"reward/{name}"
+        rates = {r: sum(s.get(f"{key}/{r}", 0.0) * n for s, n in parts) / total for r in ("failure_rate", "none_rate")}
+        # Samples each round scored: the rest failed or were None.
+        counts = [n * (1 - s.get(f"{key}/failure_rate", 0.0) - s.get(f"{key}/none_rate", 0.0)) for s, n in parts]
+        c = sum(counts)
+        if c > 0:
+            mean = sum(k * s[f"{key}/mean"] for k, (s, _) in zip(counts, parts) if k > 0) / c
+            second = sum(k * (s[f"{key}/std"] ** 2 + s[f"{key}/mean"] ** 2) for k, (s, _) in zip(counts, parts) if k > 0)
+            out[f"{key}/mean"], out[f"{key}/std"] = mean, max(second / c - mean**2, 0.0) ** 0.5
+        else:
+            out[f"{key}/mean"] = out[f"{key}/std"] = float("nan")
+        out[f"{key}/failure_rate"], out[f"{key}/none_rate"] = rates["failure_rate"], rates["none_rate"]
+    for k in sorted({k for stats, _ in parts for k in stats} - set(out)):  # whole-batch rates, by rows
+        out[k] = sum(s.get(k, 0.0) * n for s, n in parts) / total
+    return out

@@ -8,8 +8,9 @@ each KV head stacked as rows so that grouped-query attention needs no copy of K 
 quarter of that, and sampling a fifth to a third less (benchmarks/README.md). On a Xeon with AMX the flash
 kernel was the faster one (sampling 5% slower with matmuls), hence `use_matmul_decode("auto")`.
 
-It is registered with transformers' attention interface under `NAME`, with SDPA's mask function, and
-installed on a model only while it samples (`installed`): prompts and every training forward (query length
+It is registered with transformers' attention interface under `NAME`, with SDPA's mask function, on first use
+(`registered`: those are transformers internals, guarded), and installed on a model only while it samples
+(`installed`): prompts and every training forward (query length
 above one) still go to SDPA, whose memory stays linear in the sequence length. Models on another attention
 implementation (eager, flash-attention, flex) are left alone, as are GPU tensors, where SDPA's decode kernels
 are fast.
@@ -17,14 +18,15 @@ are fast.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+log = logging.getLogger("tether")
 
 NAME = "tether_sdpa_matmul_decode"
 
@@ -74,8 +76,29 @@ def use_matmul_decode(choice: str) -> bool:
     return choice == "matmul"
 
 
-AttentionInterface.register(NAME, matmul_decode_attention)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+@functools.cache
+def registered() -> bool:
+    """Register the matmul path with transformers' attention and mask interfaces, once, on first use. These
+    are transformers internals: if a release moves them, this speed-up is off (a warning) and sampling runs
+    on the model's own attention; nothing else breaks."""
+    global sdpa_attention_forward
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations import sdpa_attention
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        sdpa_attention_forward = sdpa_attention.sdpa_attention_forward
+        AttentionInterface.register(NAME, matmul_decode_attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)
+        return True
+    except (ImportError, AttributeError, TypeError) as e:
+        log.warning("rollout.decode_attention: transformers' attention interface is not where it was (%s); "
+                    "decode steps use the model's own attention", e)
+        return False
+
+
+sdpa_attention_forward = None  # transformers' SDPA path, for the calls the matmul path hands on (set below)
+registered()  # at import, guarded: a missing internal turns this speed-up off, never the import
 
 
 @contextmanager
@@ -83,7 +106,8 @@ def installed(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Route `model`'s attention through `matmul_decode_attention` for the duration of the block, if it is on
     SDPA; its config's implementation is restored on exit (it is never saved: transformers drops it)."""
     config = getattr(model, "config", None)
-    if not enabled or config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+    if (not enabled or config is None or getattr(config, "_attn_implementation", None) != "sdpa"
+            or not registered()):
         yield
         return
     config._attn_implementation = NAME

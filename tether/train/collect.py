@@ -37,6 +37,7 @@ def score(rollout: Rollout, reward: Callable, device: torch.device) -> None:
     rollout.scores_B = result.scores.float().to(device)
     rollout.valid_B = result.valid.bool().to(device)
     rollout.reward_stats = dict(result.stats)
+    rollout.scored_rows = len(rollout)
 
 
 def filter_uniform_groups(rollout: Rollout) -> tuple[Rollout, int]:
