@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from tether.config import resolve_config
+from tether.config import ConfigError, resolve_config
 
 
 def fit(
@@ -39,8 +39,16 @@ def fit(
         raw["data"] = {"source": str(prompts)}
     else:
         rows = list(prompts)
-    flat = [f"{k}={v!r}" if isinstance(v, str) and v == "" else f"{k}={_yaml(v)}" for k, v in (overrides or {}).items()]
-    cfg = resolve_config(raw, flat)
+    nested: dict = {}
+    for key, value in (overrides or {}).items():  # {"optim.lr": 1e-6} -> {"optim": {"lr": 1e-6}}
+        node = nested
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"overrides: {key!r} conflicts with another override")
+        node[last] = value
+    cfg = resolve_config(raw, nested)
     functions = [] if reward is None else (list(reward) if isinstance(reward, (list, tuple)) else [reward])
     if configure_process:
         from tether.train.loop import configure_process as apply
@@ -48,8 +56,3 @@ def fit(
         apply(cfg)
     return run_training(cfg, rows=rows, reward_functions=functions, run_dir=run_dir)
 
-
-def _yaml(v) -> str:
-    import json
-
-    return json.dumps(v) if not isinstance(v, str) else v

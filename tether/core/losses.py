@@ -1,7 +1,7 @@
 """Per-token policy/value losses, their aggregation to a scalar, and the composite PPO/GRPO loss.
 
 Every loss returns (loss_BT, stats): loss_BT is 0 outside the mask, stats are detached 0-dim tensors.
-The loss is *minimised*, so the policy losses are minus the surrogate objectives of the seed.
+The loss is *minimised*, so the policy losses are minus the surrogate objectives (Schulman et al. 2017).
 POLICY_LOSSES entries share one signature: (logprobs_BT, old_logprobs_BT, advantages_BT, response_mask_BT,
 *, eps_low, eps_high, dual_clip).
 """
@@ -52,7 +52,7 @@ def aggregate(
 ) -> Tensor:
     """Reduce a per-token loss to a scalar. With L_i = the row's completion tokens:
 
-        seq_mean_token_mean      (1/N) sum_i (1/|L_i|) sum_{t in L_i} l_it     the seed's 1/|o| (GRPO)
+        seq_mean_token_mean      (1/N) sum_i (1/|L_i|) sum_{t in L_i} l_it     1/|o_i| (Shao et al. 2024, GRPO)
         token_mean               (1/K) sum_i sum_{t in L_i} l_it               K = total completion tokens
         seq_mean_token_sum       (1/N) sum_i sum_{t in L_i} l_it
         seq_mean_token_sum_norm  (1/N) sum_i sum_{t in L_i} l_it / max_len     constant max_len (Dr. GRPO)
@@ -261,7 +261,7 @@ def composite_loss(
     num_tokens: int | Tensor | None = None,
     max_len: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """L = agg(policy) + c_v agg(value) - c_ent agg(entropy) + beta agg(kl)   (the seed's composite loss).
+    """L = agg(policy) + c_v agg(value) - c_ent agg(entropy) + beta agg(kl)   (Schulman et al. 2017, eq. 9).
 
     One aggregation for every term. A term is switched off by passing None or a zero coefficient; a term
     that is given is still reported in stats (loss/policy, loss/value, loss/entropy, loss/kl, loss/total),
