@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from tether.rewards.functions import RewardScorer
 from tether.rollout.batch import merge_reward_stats

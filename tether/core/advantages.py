@@ -179,7 +179,7 @@ def gae(
 def kl_shaped_token_rewards(scores_B: Tensor, kl_BT: Tensor, response_mask_BT: Tensor, *, beta: float) -> Tensor:
     """r_t = -beta kl_t on completion tokens, + the sequence score on each row's last completion token.
 
-    (The seed's R <- R - beta KL, folded into the reward per token as in Ziegler et al. 2019.)
+    (R <- R - beta KL, folded into the reward per token as in Ziegler et al. 2019.)
     A row with no completion tokens gets no reward at all.
     """
     mask_BT = response_mask_BT.bool()

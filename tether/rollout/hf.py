@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -21,13 +22,14 @@ from transformers import (
 )
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from tether.models import is_sharded
 from tether.rollout.batch import Rollout
 from tether.rollout.decode_attention import installed as matmul_decode_installed
 from tether.rollout.decode_attention import use_matmul_decode
 from tether.rollout.packed_linears import installed as packed_linears_installed
 from tether.rollout.shared_prompts import CACHE_KWARG, prefill_shared_prompts
-from tether.models import is_sharded
 
+log = logging.getLogger("tether")
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, chat_template: bool,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,6 +285,9 @@ class HFGenerateBackend:
         # Autocast would need the packed copies in its dtype, and Inductor cannot trace oneDNN's packed
         # tensors: both keep F.linear.
         self.packed_linears = packed_linears and autocast_dtype is None and compile_backend is None
+        if packed_linears and not self.packed_linears:
+            log.info("rollout.packed_linears: off while sampling %s (documented: F.linear there)",
+                     "under autocast" if autocast_dtype is not None else "through rollout.compile")
         self.eos = eos_ids(tokenizer, policy)
         # An explicit config with only our settings: a hub model's own generation_config may carry
         # repetition penalties or top_k=50 defaults that would make the sampler's distribution differ
