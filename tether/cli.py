@@ -245,29 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     from tether.train.loop import TrainingError
 
     # Each error the user can fix is one line (exit 2); a run that could not go on is exit 1.
+    errors = ((ConfigError, "config error", 2), (DataError, "data error", 2), (ModelLoadError, "model error", 2),
+              (CheckpointError, "checkpoint error", 2), (NotARunError, "error", 2),
+              (CheckpointWriteError, "checkpoint error", 1), ((RewardError, TrainingError), "error", 1))
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
-    except ModelLoadError as e:
-        print(f"model error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        return 2
-    except NotARunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointWriteError as e:
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        return 1
-    except (RewardError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except tuple(t for types, _, _ in errors for t in (types if isinstance(types, tuple) else (types,))) as e:
+        prefix, code = next((p, c) for types, p, c in errors if isinstance(e, types))
+        print(f"{prefix}: {e}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
