@@ -1,4 +1,4 @@
-"""`tether` command line: train | sft | reward-model | eval | report | config | merge-lora."""
+"""`tether` command line: train | sft | reward-model | eval | report | config | import-model | merge-lora."""
 
 from __future__ import annotations
 
@@ -152,6 +152,18 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_model(args: argparse.Namespace) -> int:
+    from tether.model_sources import ModelSourceError, builtin_gguf, import_gguf
+    from tether.models import ModelLoadError
+
+    try:
+        source = builtin_gguf(args.source[len("builtin:"):]) if args.source.startswith("builtin:") else args.source
+        print(import_gguf(source, args.out))
+    except ModelSourceError as e:
+        raise ModelLoadError(str(e)) from None
+    return 0
+
+
 def cmd_merge_lora(args: argparse.Namespace) -> int:
     from tether.models import merge_lora
 
@@ -218,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="list every config key with its default and meaning")
     c.set_defaults(func=cmd_config)
+
+    im = sub.add_parser("import-model", help="turn a GGUF file (or builtin:NAME) into a plain HF model directory")
+    im.add_argument("source", help="FILE.gguf, or builtin:smollm2-135m-instruct")
+    im.add_argument("--out", help="output directory (default: the cache entry that model.path=FILE.gguf uses)")
+    im.set_defaults(func=cmd_import_model)
 
     m = sub.add_parser("merge-lora", help="merge a LoRA adapter into its base model")
     m.add_argument("adapter", help="adapter directory (e.g. RUN/checkpoints/step-N/policy)")

@@ -22,9 +22,17 @@ class ModelLoadError(ValueError):
     """A model or tokenizer could not be loaded; the message names the path and what to do."""
 
 
-def check_model_source(path: str, what: str = "model.path") -> None:
-    """Fail early, naming the path, where Hugging Face's own errors would mislead: a missing local path
-    ("Repo id must be in the form ..."), a directory that is no model ("Should have a model_type key")."""
+def check_model_source(path: str, what: str = "model.path") -> str:
+    """The loadable directory or hub name for `path` (a GGUF file or a `builtin:` name is imported first, see
+    model_sources.py). Fails early, naming the path, where Hugging Face's own errors would mislead: a missing
+    local path ("Repo id must be in the form ..."), a directory that is no model ("Should have a model_type
+    key")."""
+    from tether.model_sources import ModelSourceError, resolve_model_source
+
+    try:
+        path = resolve_model_source(path)
+    except ModelSourceError as e:
+        raise ModelLoadError(f"{what}: {e}") from None
     p = Path(path).expanduser()
     if p.is_dir():
         if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
@@ -32,11 +40,12 @@ def check_model_source(path: str, what: str = "model.path") -> None:
                     if (p / "policy" / "config.json").is_file() or (p / "policy" / "adapter_config.json").is_file()
                     else "; point it at the folder that holds config.json and the weights")
             raise ModelLoadError(f"{what}: {p} has no config.json, so it is not a Hugging Face model directory{hint}")
-        return
+        return path
     if p.exists():
         raise ModelLoadError(f"{what}: {p} is a file; give the model's directory (config.json and weights)")
     if not _HUB_ID.match(str(path)) or str(path).startswith((".", "~")) or str(path).count("/") > 1:
         raise ModelLoadError(f"{what}: {path} does not exist (neither a local directory nor a hub model name)")
+    return path
 
 
 @contextlib.contextmanager
@@ -91,7 +100,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedT
     tensor carries an explicit attention / completion mask and completions end at their first EOS, so the
     pad id is never read as data; adding a new token would instead change the vocabulary and the model.
     """
-    check_model_source(path)
+    path = check_model_source(path)
     with _loading(path, "tokenizer"):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
@@ -117,7 +126,7 @@ def _disable_dropout(model: nn.Module) -> None:
 
 def load_causal_lm(path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
                    device: torch.device | str = "cpu", disable_dropout: bool = True) -> nn.Module:
-    check_model_source(path)
+    path = check_model_source(path)
     with _loading(path, "model"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     if disable_dropout:
@@ -210,7 +219,7 @@ class ValueModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
                         disable_dropout: bool = True) -> "ValueModel":
-        check_model_source(path, "critic")
+        path = check_model_source(path, "critic")
         with _loading(path, "critic"):
             backbone = AutoModel.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         if disable_dropout:
