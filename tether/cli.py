@@ -50,7 +50,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.run_dir:
         overrides.append(f"logging.run_dir={args.run_dir}")
     user = deep_merge(raw, parse_overrides(overrides))
-    pipeline = (user.get("model") or {}).get("path") is None
+    # The pipeline (evaluation before and after, report) runs a built-in task: with the built-in tiny model
+    # when model.path is unset, else on the model given.
+    source = str((user.get("data") or {}).get("source") or "")
+    pipeline = (user.get("model") or {}).get("path") is None or source.startswith("task:")
     if pipeline and not config_path:
         # The built-in default job; the user's overrides apply on top of it.
         default = dict(DEFAULT_JOB)

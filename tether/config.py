@@ -67,7 +67,11 @@ class ModelConfig:
                                  "fifth off the update (47M model, bf16, CPU), after a first compile of 0.5-1.5 "
                                  "minutes. For long runs; one process for now.")
     gradient_checkpointing: bool = knob(False, "Recompute activations in the backward pass to save memory.")
-    chat_template: bool = knob(False, "Wrap each prompt as a user turn with the tokenizer's chat template.")
+    chat_template: bool = knob(False, "Wrap each prompt as a user turn with the tokenizer's chat template (a "
+                                      "prompt may also be a list of chat messages: a conversation so far).")
+    system_prompt: str | None = knob(None, "With model.chat_template: the system message of every prompt, in "
+                                           "place of the conversation's own or the template's default; '' "
+                                           "leaves an empty one. None: as the data and the template have it.")
     disable_dropout: bool = knob(True, "Set every dropout probability to 0 so that pi_old == pi_theta at the "
                                        "first minibatch (standard in RL fine-tuning).")
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters on the policy."})
@@ -211,6 +215,9 @@ class RewardConfig:
     on_error: str = knob("raise", "A reward function that fails: stop with an error, or score the sample "
                                   "None and count it.", choices=("raise", "none"))
     timeout_s: float | None = knob(None, "Per-call timeout of a reward function.", gt=0)
+    conversation: bool = knob(False, "Also give reward functions a `conversation` column: each sample's prompt "
+                                     "messages (the system prompt as sampled) and the completion as the "
+                                     "assistant's turn.")
 
 
 @dataclass

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tether.rollout.prompts import prompt_problem
+
 SUPPORTED_FORMATS = ".jsonl, .json, .csv, .parquet, or a directory written by datasets' save_to_disk"
 
 
@@ -219,10 +221,11 @@ def _prompt_problem(
     prompt = record[prompt_column]
     if prompt is None:
         return f"prompt column {prompt_column!r} is null"
-    if not isinstance(prompt, str):
-        return f"prompt column {prompt_column!r} is a {type(prompt).__name__}, not a string"
-    if not prompt.strip():
-        return "empty prompt" if not prompt else "prompt is only whitespace"
+    if not isinstance(prompt, (str, list)):
+        return f"prompt column {prompt_column!r} is a {type(prompt).__name__}, not a string or a list of messages"
+    problem = prompt_problem(prompt)  # a string, or a conversation: [{"role": ..., "content": ...}, ...]
+    if problem is not None:
+        return problem
     if max_prompt_tokens is not None:
         n = count_tokens(prompt)
         if n > max_prompt_tokens:

@@ -55,7 +55,8 @@ def prepare_sft_model(cfg: TrainConfig, echo=print) -> tuple[Path, dict]:
     from tether.tasks.tiny_model import build_tiny_model
     from tether.train.sft import run_sft
 
-    task_name = cfg.task.name or "arithmetic"
+    source = cfg.data.source or ""
+    task_name = cfg.task.name or (source[len("task:"):] if source.startswith("task:") else "arithmetic")
     task = get_task(task_name, **cfg.task.options)
     model_kw = {**DEFAULT_MODEL, **cfg.task.model_size}
     sft_kw = dict(DEFAULT_SFT)
@@ -98,7 +99,8 @@ def evaluate_policy(model, tokenizer, cfg: TrainConfig, rows: list[dict]) -> dic
     was_training = model.training
     model.eval()
     try:
-        return evaluate_task(model, tokenizer, task, rows, max_new_tokens=cfg.rollout.max_new_tokens)
+        return evaluate_task(model, tokenizer, task, rows, max_new_tokens=cfg.rollout.max_new_tokens,
+                             chat_template=cfg.model.chat_template)
     finally:
         model.train(was_training)
 
@@ -109,7 +111,8 @@ def run_pipeline(cfg: TrainConfig, *, echo=print) -> dict:
     from tether.tasks import get_task
 
     t_start = time.perf_counter()
-    task_name = cfg.task.name or "arithmetic"
+    source = cfg.data.source or ""
+    task_name = cfg.task.name or (source[len("task:"):] if source.startswith("task:") else "arithmetic")
     cfg.task.name = task_name
     if cfg.model.path is None:
         path, build_info = prepare_sft_model(cfg, echo=echo)

@@ -157,3 +157,49 @@ def test_import_model_command(tmp_path, capsys):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
     assert main(["import-model", str(tmp_path / "missing.gguf")]) == 2
     assert "no such GGUF file" in capsys.readouterr().err
+
+
+@requires_smollm2
+def test_conversational_prompts_system_prompt_and_the_conversation_column(smollm2_small, tmp_path):
+    """A prompt may be a conversation (earlier turns included); model.system_prompt replaces the template's
+    default system message; with reward.conversation the reward sees each sample's whole conversation."""
+    from tether.data import load_prompt_rows
+
+    data = tmp_path / "chats.jsonl"
+    chat = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3 + 3? Reply with just the number."}]
+    lines = [{"prompt": chat, "answer": "6"}, {"prompt": "What is 1 + 1?", "answer": "2"},
+             {"prompt": [{"role": "assistant", "content": "hi"}], "answer": "x"},
+             {"prompt": [{"role": "user"}], "answer": "x"}]
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    loaded = load_prompt_rows(data)
+    assert [r["prompt"] for r in loaded.rows] == [chat, "What is 1 + 1?"]
+    assert "ends with an assistant message" in loaded.skipped[0][1] and "message 0" in loaded.skipped[1][1]
+
+    tok = load_tokenizer(smollm2_small)
+    text = tok.decode(encode_prompts(tok, [chat], chat_template=True, device=torch.device("cpu"))[0][0])
+    assert "You are a helpful AI assistant named SmolLM" in text and "<|im_start|>assistant\n4<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    custom = tok.decode(encode_prompts(tok, [chat], chat_template=True, device=torch.device("cpu"),
+                                       system_prompt="Answer tersely.")[0][0])
+    assert "Answer tersely." in custom and "SmolLM" not in custom
+    assert prompt_token_count(tok, chat, chat_template=True, system_prompt="Answer tersely.") < \
+        prompt_token_count(tok, chat, chat_template=True)
+    with pytest.raises(ValueError, match="need model.chat_template=true"):
+        encode_prompts(tok, [chat], chat_template=False, device=torch.device("cpu"))
+
+    seen = []
+
+    def sees_conversation(prompts, completions, conversation, **_):
+        seen.extend(conversation)
+        return [1.0 if c.strip() else 0.0 for c in completions]
+
+    cfg = resolve_config({"model": {"path": smollm2_small, "chat_template": True, "system_prompt": "Answer tersely."},
+                          "algorithm": {"name": "grpo"}, "steps": 1, "reward": {"conversation": True},
+                          "rollout": {"max_new_tokens": 4, "prompts_per_step": 2, "group_size": 2}})
+    t = Trainer(cfg, rows=loaded.rows, reward_fn=RewardScorer([sees_conversation]))
+    r = t.step().rollout
+    for conv, completion in zip(seen, r.completions):
+        assert conv[0] == {"role": "system", "content": "Answer tersely."}
+        assert conv[-1] == {"role": "assistant", "content": completion}
+    assert [c[1:-1] for c in seen if len(c) > 3][0] == chat

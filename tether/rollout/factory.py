@@ -34,6 +34,7 @@ def make_backend(cfg: TrainConfig, policy: torch.nn.Module, tokenizer, *, autoca
     return HFGenerateBackend(policy, tokenizer, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                              top_p=r.top_p, top_k=r.top_k, stop_strings=r.stop_strings,
                              micro_batch_size=r.micro_batch_size, chat_template=m.chat_template,
+                             system_prompt=m.system_prompt,
                              autocast_dtype=autocast_dtype, weights_dtype=sampler_weights_dtype(cfg, fsdp),
                              compile_backend="inductor" if r.compile else None,
                              decode_attention=r.decode_attention, packed_linears=r.packed_linears,

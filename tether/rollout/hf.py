@@ -27,32 +27,27 @@ from tether.rollout.batch import Rollout
 from tether.rollout.decode_attention import installed as matmul_decode_installed
 from tether.rollout.decode_attention import use_matmul_decode
 from tether.rollout.packed_linears import installed as packed_linears_installed
+from tether.rollout.prompts import render
 from tether.rollout.shared_prompts import CACHE_KWARG, prefill_shared_prompts
 
 log = logging.getLogger("tether")
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, chat_template: bool,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and mask; with `chat_template`, each prompt becomes one user turn."""
-    if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("model.chat_template=true but the tokenizer has no chat template")
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
-        enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
-    else:
-        enc = tokenizer(prompts, padding=True, return_tensors="pt")
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list, *, chat_template: bool,
+                   device: torch.device, system_prompt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask. With `chat_template`, a string prompt becomes one user turn and a
+    conversation is rendered as it is (`rollout/prompts.py`), the model's turn next."""
+    rendered = [render(tokenizer, p, chat_template=chat_template, system_prompt=system_prompt) for p in prompts]
+    ids = [tokenizer(text, add_special_tokens=special).input_ids for text, special in rendered]
+    enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
     return enc.input_ids.to(device), enc.attention_mask.to(device)
 
 
-def prompt_token_count(tokenizer: PreTrainedTokenizerBase, prompt: str, *, chat_template: bool) -> int:
-    """How many tokens `prompt` takes in the sampler's input: after the chat template when it applies, with
-    the special tokens the tokenizer adds, as `encode_prompts` feeds it."""
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return len(tokenizer(text, add_special_tokens=False).input_ids)
-    return len(tokenizer(prompt).input_ids)
+def prompt_token_count(tokenizer: PreTrainedTokenizerBase, prompt, *, chat_template: bool,
+                       system_prompt: str | None = None) -> int:
+    """How many tokens `prompt` takes in the sampler's input, as `encode_prompts` feeds it (chat template and
+    the tokenizer's special tokens included)."""
+    text, special = render(tokenizer, prompt, chat_template=chat_template, system_prompt=system_prompt)
+    return len(tokenizer(text, add_special_tokens=special).input_ids)
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> list[int]:
@@ -256,7 +251,8 @@ class HFGenerateBackend:
 
     def __init__(self, policy: nn.Module, tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_strings=(),
-                 micro_batch_size: int = 64, chat_template: bool = False, autocast_dtype=None,
+                 micro_batch_size: int = 64, chat_template: bool = False, system_prompt: str | None = None,
+                 autocast_dtype=None,
                  weights_dtype: torch.dtype | None = None, compile_backend: str | Callable | None = None,
                  share_prompts: bool = False, decode_attention: str = "auto", packed_linears: bool = True):
         """`weights_dtype`: sample from a copy of the policy in this dtype (e.g. bfloat16: no autocast casts,
@@ -278,6 +274,7 @@ class HFGenerateBackend:
         self.stop_strings = list(stop_strings)
         self.micro_batch_size = micro_batch_size
         self.chat_template = chat_template
+        self.system_prompt = system_prompt
         self.autocast_dtype = autocast_dtype
         self.compiled_forward = CompiledForward(compile_backend) if compile_backend is not None else None
         self.share_prompts = share_prompts
@@ -323,6 +320,7 @@ class HFGenerateBackend:
     def _generate_chunk(self, prompts: list[str], rows: list[dict], group_size: int) -> Rollout:
         device = next(self.policy.parameters()).device
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, chat_template=self.chat_template,
+                                                 system_prompt=self.system_prompt,
                                                  device=device)
         P = prompt_ids.shape[1]
         was_training = self.policy.training

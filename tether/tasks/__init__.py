@@ -11,11 +11,13 @@ from typing import Any, Callable
 
 from tether.tasks.arithmetic import ArithmeticTask
 from tether.tasks.base import Task
+from tether.tasks.chat_arithmetic import ChatArithmeticTask
 from tether.tasks.sequence import SequenceTask
 
 # name -> factory (a Task subclass or any callable returning a Task). Other modules may add entries.
 TASKS: dict[str, Callable[..., Task]] = {
     "arithmetic": ArithmeticTask,
+    "chat_arithmetic": ChatArithmeticTask,
     "sequence": SequenceTask,
 }
 
@@ -34,4 +36,4 @@ def get_task(name: str, **options: Any) -> Task:
     return factory(**options)
 
 
-__all__ = ["TASKS", "ArithmeticTask", "SequenceTask", "Task", "get_task"]
+__all__ = ["TASKS", "ArithmeticTask", "ChatArithmeticTask", "SequenceTask", "Task", "get_task"]

@@ -21,8 +21,14 @@ def _pad_id(tokenizer) -> int:
     return pad
 
 
-def _left_pad(tokenizer, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
+def _left_pad(tokenizer, prompts: list[str], device: torch.device,
+              chat_template: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    if chat_template:  # each prompt one user turn, as the sampler feeds it in training
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    else:
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
     if any(len(x) == 0 for x in ids):
         raise ValueError("cannot generate from an empty prompt (it tokenizes to nothing)")
     width = max(len(x) for x in ids)
@@ -52,8 +58,10 @@ def generate(
     batch_size: int = 64,
     temperature: float = 0.0,
     seed: int | None = 0,
+    chat_template: bool = False,
 ) -> list[str]:
-    """Completions for `prompts`: greedy when temperature == 0, else plain sampling (no top-k / top-p).
+    """Completions for `prompts`: greedy when temperature == 0, else plain sampling (no top-k / top-p);
+    with `chat_template`, each prompt is a user turn of the tokenizer's chat template.
 
     Sampling is reproducible given `seed` (the global torch RNG is forked, so callers' streams are not
     disturbed). The model is put in eval mode for the call and its previous mode restored.
@@ -91,7 +99,8 @@ def generate(
             if seed is not None:
                 torch.manual_seed(seed)
             for start in range(0, len(prompts), batch_size):
-                input_ids, attention_mask = _left_pad(tokenizer, prompts[start : start + batch_size], device)
+                input_ids, attention_mask = _left_pad(tokenizer, prompts[start : start + batch_size], device,
+                                                      chat_template)
                 out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
                 completions += _decode_new(tokenizer, out[:, input_ids.shape[1] :])
     finally:
@@ -115,6 +124,7 @@ def evaluate_task(
     temperature: float = 0.0,
     seed: int | None = 0,
     num_examples: int = 5,
+    chat_template: bool = False,
 ) -> dict:
     """Accuracy and mean reward of `model` on `rows` (greedy unless temperature > 0).
 
@@ -128,7 +138,8 @@ def evaluate_task(
             raise ValueError(f"row {i} needs 'prompt' and 'answer' keys, got {sorted(row)}")
     prompts = [row["prompt"] for row in rows]
     completions = generate(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed,
+        chat_template=chat_template,
     )
     correct = [task.is_correct(c, row) for c, row in zip(completions, rows)]
     columns = {k: [row.get(k) for row in rows] for k in rows[0] if k != "prompt"}

@@ -12,6 +12,7 @@ import torch
 
 from tether.config import TrainConfig
 from tether.rollout.batch import Rollout
+from tether.rollout.prompts import messages
 from tether.train.distributed import Dist
 from tether.train.errors import TrainingError
 
@@ -26,13 +27,18 @@ class CollectInfo:
     filtered_groups: int = 0
 
 
-def score(rollout: Rollout, reward: Callable, device: torch.device) -> None:
+def score(rollout: Rollout, reward: Callable, device: torch.device, *, conversation: bool = False,
+          system_prompt: str | None = None) -> None:
     """Fill `scores_B`, `valid_B` and `reward_stats` from the reward scorer; the dataset's columns, the
-    truncation flags and the completion lengths reach the reward functions as keyword lists."""
+    truncation flags and the completion lengths reach the reward functions as keyword lists, and with
+    `conversation` the whole conversation of each sample (its prompt messages, then the completion)."""
     keys = sorted({k for row in rollout.rows for k in row if k != "prompt"})
     columns: dict[str, list] = {k: [row.get(k) for row in rollout.rows] for k in keys}
     columns["truncated"] = rollout.truncated_B.tolist()
     columns["completion_lengths"] = rollout.completion_lengths_B.tolist()
+    if conversation:
+        columns["conversation"] = [messages(p, system_prompt) + [{"role": "assistant", "content": c}]
+                                   for p, c in zip(rollout.prompts, rollout.completions)]
     result = reward(rollout.prompts, rollout.completions, columns)
     rollout.scores_B = result.scores.float().to(device)
     rollout.valid_B = result.valid.bool().to(device)
@@ -68,7 +74,7 @@ def collect(cfg: TrainConfig, sampler, backend, reward: Callable, dist: Dist, *,
         rollout = _generate(backend, rows, r.group_size, healthy)
         info.seconds["generate"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        score(rollout, reward, device)
+        score(rollout, reward, device, conversation=cfg.reward.conversation, system_prompt=cfg.model.system_prompt)
         info.seconds["score"] += time.perf_counter() - t0
         if a.filter_groups:
             rollout, dropped = filter_uniform_groups(rollout)
@@ -113,11 +119,12 @@ def rows_that_fit(rows: list[dict], cfg: TrainConfig, tokenizer, context_window:
            f"the context window of {context_window} tokens less rollout.max_new_tokens={r.max_new_tokens}")
     kept, too_long = [], []
     for i, row in enumerate(rows):
-        n = prompt_token_count(tokenizer, row["prompt"], chat_template=cfg.model.chat_template)
+        n = prompt_token_count(tokenizer, row["prompt"], chat_template=cfg.model.chat_template,
+                               system_prompt=cfg.model.system_prompt)
         if n <= limit:
             kept.append(row)
             continue
-        problem = f"row {i}: prompt of {n} tokens does not fit {why} (limit {limit}): {row['prompt'][:60]!r}"
+        problem = f"row {i}: prompt of {n} tokens does not fit {why} (limit {limit}): {str(row['prompt'])[:60]!r}"
         if cfg.data.on_bad_row == "error":
             raise DataError(f"{problem}; shorten it, raise the limit, or set data.on_bad_row=skip")
         too_long.append(problem)
