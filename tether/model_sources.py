@@ -16,7 +16,6 @@ Built-in names (`builtin:NAME`) point at models that a package ships inside its 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -24,6 +23,8 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+
+from tether.files import sha256_of
 
 log = logging.getLogger("tether")
 
@@ -65,13 +66,6 @@ def is_gguf(path: Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def import_gguf(file: str | Path, out: str | Path | None = None) -> Path:
     """A plain HF model directory made from a GGUF file: `out` if given, else the cache entry for the file's
@@ -81,7 +75,7 @@ def import_gguf(file: str | Path, out: str | Path | None = None) -> Path:
         raise ModelSourceError(f"{file}: no such GGUF file")
     if not is_gguf(file):
         raise ModelSourceError(f"{file} is not a GGUF file (it does not start with the GGUF magic bytes)")
-    target = Path(out) if out is not None else cache_dir() / "gguf" / _sha256(file)[:24]
+    target = Path(out) if out is not None else cache_dir() / "gguf" / sha256_of(file)[:24]
     if _complete_import(target):
         return target
     try:
@@ -115,7 +109,7 @@ def import_gguf(file: str | Path, out: str | Path | None = None) -> Path:
         plain.save_pretrained(str(tmp))
         plain.generation_config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(file), "sha256": _sha256(file),
+        (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(file), "sha256": sha256_of(file),
                                                    "format": IMPORT_FORMAT}) + "\n")
         if target.exists():
             shutil.rmtree(target)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import inspect
 import json
 import os
@@ -53,6 +52,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
+
+from tether.files import sha256_of
 
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -98,13 +99,6 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(dirpath))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _manifest(root: Path) -> dict[str, dict]:
     """Size and SHA-256 of every file under `root`, by path relative to it."""
@@ -112,7 +106,7 @@ def _manifest(root: Path) -> dict[str, dict]:
     for dirpath, _, filenames in os.walk(root):
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            out[path.relative_to(root).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            out[path.relative_to(root).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
     return dict(sorted(out.items()))
 
 
@@ -135,7 +129,7 @@ def verify_checkpoint(path: str | Path, *, hashes: bool = True) -> str | None:
         size = file.stat().st_size
         if size != want["size"]:
             return f"{rel} is {size} bytes, the manifest says {want['size']} (truncated or damaged)"
-        if hashes and _sha256(file) != want["sha256"]:
+        if hashes and sha256_of(file) != want["sha256"]:
             return f"{rel} does not match its SHA-256 in the manifest (damaged)"
     return None
 
