@@ -40,8 +40,8 @@ def test_invalid_values_name_field_and_range(override, message):
 
 
 def test_unknown_preset_lists_known():
-    with pytest.raises(ConfigError, match=r"unknown preset 'gpro'.*Did you mean 'grpo'.*ppo, grpo, dr_grpo"):
-        resolve_config({"algorithm": {"name": "gpro"}})
+    with pytest.raises(ConfigError, match=r"unknown preset 'grop'.*Did you mean 'grpo'.*ppo, grpo, dr_grpo"):
+        resolve_config({"algorithm": {"name": "grop"}})
 
 
 def test_cross_field_checks():

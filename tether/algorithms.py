@@ -58,6 +58,55 @@ PRESETS: dict[str, dict] = {
             "epochs": 1, "minibatches": 1,
         },
     },
+    # GSPO (Zheng et al. 2025): one importance ratio per sequence, the length-normalised log-ratio
+    # exp(mean_t log r_t), clipped per sequence with the paper's small ranges; sequence-mean aggregation.
+    "gspo": {
+        "algorithm": {
+            "advantage": "grpo", "use_critic": False, "std_scale": "group", "whiten_advantages": False,
+            "policy_loss": "clipped_sequence", "eps_low": 3e-4, "eps_high": 4e-4,
+            "aggregation": "seq_mean_token_mean", "kl_mode": "none", "beta": 0.0, "kl_target": None,
+            "epochs": 1, "minibatches": 2,
+        },
+    },
+    # CISPO (MiniMax 2025): GRPO's advantages, the clipped importance weight detached times log pi, so every
+    # token keeps a gradient; no lower bound in MiniMax-M1 (eps_low 0.99 leaves 0.01), eps_high 0.28.
+    "cispo": {
+        "algorithm": {
+            "advantage": "grpo", "use_critic": False, "std_scale": "group", "whiten_advantages": False,
+            "policy_loss": "cispo", "eps_low": 0.99, "eps_high": 0.28,
+            "aggregation": "token_mean", "kl_mode": "none", "beta": 0.0, "kl_target": None,
+            "epochs": 1, "minibatches": 2,
+        },
+    },
+    # SAPO (arXiv:2511.20347): GRPO's advantages under a smooth sigmoid gate instead of the hard clip.
+    "sapo": {
+        "algorithm": {
+            "advantage": "grpo", "use_critic": False, "std_scale": "group", "whiten_advantages": False,
+            "policy_loss": "sapo", "tau_pos": 1.0, "tau_neg": 1.05,
+            "aggregation": "seq_mean_token_mean", "kl_mode": "none", "beta": 0.0, "kl_target": None,
+            "epochs": 1, "minibatches": 2,
+        },
+    },
+    # REINFORCE++ (Hu et al. 2025): no critic and no baseline; token-level KL (k1) in the reward, each
+    # token's return as its advantage, normalised over the whole batch; PPO's clip.
+    "reinforce_pp": {
+        "algorithm": {
+            "advantage": "reinforce_pp", "use_critic": False, "std_scale": "none", "whiten_advantages": True,
+            "policy_loss": "clipped", "eps_low": 0.2, "eps_high": 0.2, "aggregation": "token_mean",
+            "kl_mode": "reward", "kl_estimator": "k1", "beta": 0.01, "kl_target": None, "gamma": 1.0,
+            "epochs": 1, "minibatches": 2,
+        },
+    },
+    # REINFORCE++-baseline (Hu et al. 2025): the group mean subtracted (no std scaling), then normalised over
+    # the batch; KL to the reference in the loss (k2).
+    "reinforce_pp_baseline": {
+        "algorithm": {
+            "advantage": "grpo", "use_critic": False, "std_scale": "none", "whiten_advantages": True,
+            "policy_loss": "clipped", "eps_low": 0.2, "eps_high": 0.2, "aggregation": "token_mean",
+            "kl_mode": "loss", "kl_estimator": "k2", "beta": 0.001, "kl_target": None,
+            "epochs": 1, "minibatches": 2,
+        },
+    },
     # Plain REINFORCE with a batch-mean baseline, one on-policy update per batch.
     "reinforce": {
         "algorithm": {

@@ -18,6 +18,10 @@ from typing import Any
 
 import yaml
 
+from tether.algorithms import PRESETS
+from tether.core.advantages import ADVANTAGES
+from tether.core.losses import POLICY_LOSSES
+
 
 class ConfigError(ValueError):
     """A config that cannot run: unknown key, wrong type or a value out of range."""
@@ -123,18 +127,20 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = knob("grpo", "Preset the other fields start from.",
-                     choices=("ppo", "grpo", "dr_grpo", "dapo", "rloo", "reinforce"))
+    name: str = knob("grpo", "Preset the other fields start from (tether/algorithms.py).", choices=tuple(PRESETS))
     advantage: str = knob("grpo", "Advantage estimator (tether.core.advantages.ADVANTAGES).",
-                          choices=("gae", "reinforce", "batch_mean", "grpo", "rloo"))
+                          choices=tuple(ADVANTAGES))
     std_scale: str = knob("group", "Divide outcome advantages by the group or batch std of scores.",
                           choices=("none", "group", "batch"))
     whiten_advantages: bool = knob(False, "Whiten advantages over the batch's completion tokens.")
     policy_loss: str = knob("clipped", "Policy loss (tether.core.losses.POLICY_LOSSES).",
-                            choices=("reinforce", "clipped", "clipped_sequence"))
+                            choices=tuple(POLICY_LOSSES))
     eps_low: float = knob(0.2, "Clip range below 1 for the ratio.", gt=0, lt=1)
     eps_high: float = knob(0.2, "Clip range above 1 for the ratio.", gt=0)
     dual_clip: float | None = knob(None, "Dual-clip bound c > 1 for negative advantages (None = off).", gt=1)
+    tau_pos: float = knob(1.0, "SAPO: the gate's temperature for positive advantages.", gt=0)
+    tau_neg: float = knob(1.05, "SAPO: the gate's temperature for negative advantages (above tau_pos: "
+                                "negative updates are damped sooner).", gt=0)
     aggregation: str = knob("seq_mean_token_mean", "How per-token losses become one number "
                             "(tether.core.losses.AGGREGATIONS).",
                             choices=("seq_mean_token_mean", "token_mean", "seq_mean_token_sum",
@@ -463,7 +469,7 @@ def load_yaml(path: str | Path) -> dict:
 
 def resolve_config(raw: dict | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
     """Defaults <- preset <- raw (e.g. YAML) <- overrides, validated."""
-    from tether.algorithms import preset_dict
+    from tether.algorithms import preset_dict  # noqa: PLC0415
 
     merged = dict(raw or {})
     if overrides:

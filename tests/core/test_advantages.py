@@ -188,3 +188,20 @@ def test_masked_statistics():
     w2 = masked_whiten(x, m, shift_mean=False)
     assert masked_mean(w2, m).item() == pytest.approx(3.0)
     assert masked_mean(x, torch.zeros_like(m)).item() == 0.0  # empty mask: 0, not nan
+
+
+def test_reinforce_pp_advantages_are_token_returns():
+    """REINFORCE++ (Hu et al. 2025): A_t = sum_{s >= t} gamma^(s-t) r_s of the KL-shaped token rewards, no
+    baseline. Hand-worked: rewards -0.1 -0.2 and score 1 at the last of 3 tokens, gamma 1: 0.7, 0.8, 1.0."""
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    kl = torch.tensor([[1.0, 2.0, 0.0], [0.5, 0.5, 9.0]])
+    rewards = kl_shaped_token_rewards(torch.tensor([1.0, 0.0]), kl, mask, beta=0.1)
+    adv, returns = ADVANTAGES["reinforce_pp"](scores_B=torch.tensor([1.0, 0.0]), response_mask_BT=mask,
+                                              token_rewards_BT=rewards, gamma=1.0)
+    assert returns is None
+    torch.testing.assert_close(adv, torch.tensor([[0.7, 0.8, 1.0], [-0.1, -0.05, 0.0]]))
+    half, _ = ADVANTAGES["reinforce_pp"](scores_B=torch.tensor([1.0, 0.0]), response_mask_BT=mask,
+                                         token_rewards_BT=rewards, gamma=0.5)
+    torch.testing.assert_close(half[0], torch.tensor([-0.1 - 0.1 + 0.25, -0.2 + 0.5, 1.0]))
+    plain, _ = ADVANTAGES["reinforce_pp"](scores_B=torch.tensor([1.0, 0.0]), response_mask_BT=mask)
+    torch.testing.assert_close(plain, torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))

@@ -266,3 +266,56 @@ def test_padded_positions_holding_nan_or_inf_give_the_same_loss_and_gradient(nam
         assert torch.isfinite(grad).all() and torch.isfinite(loss_BT).all()
         torch.testing.assert_close(loss_BT, results[0][0], rtol=0, atol=0)
         torch.testing.assert_close(grad, results[0][1], rtol=0, atol=0)
+
+
+def test_cispo_keeps_a_gradient_where_the_ppo_clip_has_none():
+    """l = -sg(clip(r, 1 - eps_low, 1 + eps_high)) A log pi. Hand-worked with old log-probs 0 (r = e^logp):
+    at r = e^0.5 = 1.65 > 1.2 with A = 1 the weight is 1.2 and d l / d logp = -1.2 (PPO's clip: 0); at
+    r = e^-0.1 = 0.905 with A = -2 the weight is r itself, d l / d logp = 2 r."""
+    logp = torch.tensor([[0.5, -0.1, 0.0]], dtype=torch.float64, requires_grad=True)
+    A = torch.tensor([[1.0, -2.0, 3.0]], dtype=torch.float64)
+    mask = torch.ones(1, 3)
+    loss, stats = POLICY_LOSSES["cispo"](logp, torch.zeros_like(logp), A, mask, eps_low=0.2, eps_high=0.2)
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    r = math.exp(-0.1)
+    torch.testing.assert_close(loss.detach(), torch.tensor([[-1.2 * 0.5, -2.0 * r * 0.1, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(grad, torch.tensor([[-1.2, 2.0 * r, -3.0]], dtype=torch.float64))
+    assert stats["clip_frac_high"].item() == pytest.approx(1 / 3) and stats["clip_frac_low"].item() == 0.0
+    ppo_loss, _ = policy_loss_clipped(logp, torch.zeros_like(logp), A, mask)
+    (ppo_grad,) = torch.autograd.grad(ppo_loss.sum(), logp)
+    assert ppo_grad[0, 0] == 0.0 and grad[0, 0] != 0.0
+
+
+def test_sapo_gate_values_and_gradients():
+    """f(r) = (4/tau) sigmoid(tau (r - 1)); l = -f(r) A; d l / d logp = -A 4 s (1 - s) r with s the sigmoid.
+    At r = 1: f = 2 / tau and the gradient is -A (the policy gradient); tau_neg applies where A < 0."""
+    logp = torch.tensor([[0.0, 0.0, 0.7, -0.7]], dtype=torch.float64, requires_grad=True)
+    A = torch.tensor([[2.0, -1.0, 1.0, -1.0]], dtype=torch.float64)
+    loss, _ = POLICY_LOSSES["sapo"](logp, torch.zeros_like(logp), A, torch.ones(1, 4), tau_pos=1.0, tau_neg=2.0)
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+
+    def expect(lp, a, tau):
+        r = math.exp(lp)
+        s = 1 / (1 + math.exp(-tau * (r - 1)))
+        return -a * 4 / tau * s, -a * 4 * s * (1 - s) * r
+
+    want = [expect(0.0, 2.0, 1.0), expect(0.0, -1.0, 2.0), expect(0.7, 1.0, 1.0), expect(-0.7, -1.0, 2.0)]
+    torch.testing.assert_close(loss.detach()[0], torch.tensor([w[0] for w in want], dtype=torch.float64))
+    torch.testing.assert_close(grad[0], torch.tensor([w[1] for w in want], dtype=torch.float64))
+    assert loss[0, 0].item() == pytest.approx(-2.0 * 2.0) and grad[0, 0].item() == pytest.approx(-2.0)
+    with pytest.raises(ValueError, match="tau_pos, tau_neg > 0"):
+        POLICY_LOSSES["sapo"](logp, logp, A, torch.ones(1, 4), tau_pos=0.0)
+
+
+@pytest.mark.parametrize("name", ["cispo", "sapo"])
+def test_new_losses_give_the_policy_gradient_at_the_old_policy(name):
+    g = torch.Generator().manual_seed(1)
+    logp = torch.randn(4, 6, generator=g, dtype=torch.float64).requires_grad_()
+    A = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    mask = (torch.rand(4, 6, generator=g) > 0.3).float()
+    grads = []
+    for loss_name in (name, "reinforce"):
+        loss_BT, _ = POLICY_LOSSES[loss_name](logp, logp.detach(), A, mask)
+        (g_,) = torch.autograd.grad(aggregate(loss_BT, mask, "token_mean"), logp)
+        grads.append(g_)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-15)

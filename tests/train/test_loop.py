@@ -36,7 +36,8 @@ def run(trainer: Trainer, steps: int) -> list[dict]:
 # Margins: a random tiny model scores ~0.1; after 30 steps at lr 3e-3 every preset scores far above that
 # (measured 0.2-0.95). The assertion asks for the mean of the last 5 steps to beat the first 5 by 0.08.
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "dr_grpo", "dapo", "rloo", "reinforce"])
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "dr_grpo", "dapo", "rloo", "reinforce", "gspo", "cispo", "sapo",
+                                  "reinforce_pp", "reinforce_pp_baseline"])
 def test_every_preset_learns(llama, algo):
     lr = "3e-3" if algo == "ppo" else "1e-2"
     metrics = run(make_trainer(llama, algo, **{"optim.lr": lr}), 30)

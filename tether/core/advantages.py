@@ -224,10 +224,33 @@ def _gae_estimator(
     return gae(token_rewards_BT, values_BT, mask_BT, gamma=gamma, lam=lam)
 
 
+def _reinforce_pp_estimator(*, scores_B, response_mask_BT, valid_B=None, token_rewards_BT=None, gamma=1.0,
+                            **_unused):
+    """REINFORCE++ (Hu et al. 2025): no critic, no baseline; the advantage of token t is its return,
+
+        A_t = sum_{s >= t} gamma^(s - t) r_s,   r_s = -beta kl_s, plus the sequence score at the last token,
+
+    normalised over the whole batch afterwards (algorithm.whiten_advantages, as OpenRLHF's `reinforce`
+    estimator does). This is GAE with V = 0 and lambda = 1, so it reuses `gae`."""
+    mask_BT = response_mask_BT.bool()
+    if valid_B is not None:
+        mask_BT = mask_BT & valid_B.bool()[:, None]
+    if token_rewards_BT is None:
+        scores_B = scores_B if valid_B is None else torch.where(valid_B.bool(), scores_B, 0.0)
+        token_rewards_BT = kl_shaped_token_rewards(scores_B, torch.zeros(mask_BT.shape, device=mask_BT.device),
+                                                   mask_BT, beta=0.0)
+    adv, _ = gae(token_rewards_BT, torch.zeros(mask_BT.shape, device=mask_BT.device), mask_BT, gamma=gamma, lam=1.0)
+    return adv, None
+
+
+# Estimators that take per-token rewards (KL folded into the reward token by token) rather than a score.
+TOKEN_REWARD_ESTIMATORS = ("gae", "reinforce_pp")
+
 ADVANTAGES = {
     "gae": _gae_estimator,
     "reinforce": _outcome("none"),
     "batch_mean": _outcome("batch_mean"),
     "grpo": _outcome("group_mean"),
     "rloo": _outcome("leave_one_out"),
+    "reinforce_pp": _reinforce_pp_estimator,
 }

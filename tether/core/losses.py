@@ -20,6 +20,8 @@ __all__ = [
     "policy_loss_reinforce",
     "policy_loss_clipped",
     "policy_loss_clipped_sequence",
+    "policy_loss_cispo",
+    "policy_loss_sapo",
     "POLICY_LOSSES",
     "value_loss",
     "composite_loss",
@@ -198,6 +200,82 @@ def policy_loss_clipped_sequence(
     )
 
 
+def _masked_log_ratio(logprobs_BT: Tensor, old_logprobs_BT: Tensor, response_mask_BT: Tensor) -> Tensor:
+    """log pi - log pi_old with padded positions set to 0 before anything exponentiates them."""
+    zero = torch.zeros((), dtype=logprobs_BT.dtype, device=logprobs_BT.device)
+    log_ratio = torch.where(response_mask_BT.bool(), logprobs_BT - old_logprobs_BT.detach(), zero)
+    return log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def _ratio_stats(ratio_BT: Tensor, response_mask_BT: Tensor, log_ratio_BT: Tensor) -> dict[str, Tensor]:
+    mask = response_mask_BT.bool()
+    r = ratio_BT.detach()
+    mean = masked_mean(r, mask)
+    filled = torch.where(mask, r, mean)
+    lr = log_ratio_BT.detach()
+    return {"ratio_mean": mean, "ratio_min": filled.min(), "ratio_max": filled.max(),
+            "approx_kl": masked_mean(torch.expm1(lr) - lr, mask)}
+
+
+def policy_loss_cispo(
+    logprobs_BT: Tensor,
+    old_logprobs_BT: Tensor,
+    advantages_BT: Tensor,
+    response_mask_BT: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    **_: object,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CISPO (MiniMax 2025, MiniMax-M1): clip the importance weight, not the update, and detach it:
+
+        l_t = -sg(clip(r_t, 1 - eps_low, 1 + eps_high)) A_t log pi(o_t)
+
+    Every token keeps a gradient, sg(clip(r_t)) A_t grad log pi(o_t), where the PPO clip zeroes the gradient
+    of clipped tokens (rare, high-information tokens above all). At pi = pi_old it is the REINFORCE gradient.
+    verl's `cispo` loss computes the same per-token term; MiniMax-M1 used no lower bound (eps_low near 1).
+    """
+    log_ratio = _masked_log_ratio(logprobs_BT, old_logprobs_BT, response_mask_BT)
+    ratio = torch.exp(log_ratio)
+    weight = ratio.detach().clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss = _zero_outside(-weight * advantages_BT.detach() * logprobs_BT, response_mask_BT)
+    A, r, mask = advantages_BT.detach(), ratio.detach(), response_mask_BT.bool()
+    stats = {"clip_frac_low": masked_mean(((r < 1.0 - eps_low) & (A != 0)).float(), mask),
+             "clip_frac_high": masked_mean(((r > 1.0 + eps_high) & (A != 0)).float(), mask),
+             **_ratio_stats(ratio, response_mask_BT, log_ratio)}
+    return loss, stats
+
+
+def policy_loss_sapo(
+    logprobs_BT: Tensor,
+    old_logprobs_BT: Tensor,
+    advantages_BT: Tensor,
+    response_mask_BT: Tensor,
+    *,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    **_: object,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """SAPO (Soft Adaptive Policy Optimization, arXiv:2511.20347, 2025): a smooth gate instead of a hard clip,
+
+        l_t = -f(r_t) A_t,   f(r) = (4 / tau) sigmoid(tau (r - 1)),   tau = tau_pos if A_t > 0 else tau_neg
+
+    df/dr = 4 s (1 - s) with s = sigmoid(tau (r - 1)): 1 at r = 1 (the policy gradient at pi_old, as PPO), and
+    decaying smoothly as r leaves 1, faster for negative advantages (tau_neg > tau_pos). As verl's `sapo`.
+    """
+    if tau_pos <= 0 or tau_neg <= 0:
+        raise ValueError(f"SAPO needs tau_pos, tau_neg > 0, got {tau_pos}, {tau_neg}")
+    log_ratio = _masked_log_ratio(logprobs_BT, old_logprobs_BT, response_mask_BT)
+    ratio = torch.exp(log_ratio)
+    A = advantages_BT.detach()
+    # tau in the ratio's dtype: a float32 tau (from float32 advantages) makes f'(1) = 1 only to 1e-7.
+    tau = torch.where(A > 0, torch.tensor(tau_pos, dtype=ratio.dtype, device=ratio.device),
+                      torch.tensor(tau_neg, dtype=ratio.dtype, device=ratio.device))
+    gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
+    loss = _zero_outside(-gate * A, response_mask_BT)
+    return loss, _ratio_stats(ratio, response_mask_BT, log_ratio)
+
+
 def _reinforce_entry(
     logprobs_BT: Tensor, old_logprobs_BT: Tensor | None, advantages_BT: Tensor, response_mask_BT: Tensor, **_: object
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -206,11 +284,13 @@ def _reinforce_entry(
 
 
 # Every entry takes (logprobs_BT, old_logprobs_BT, advantages_BT, response_mask_BT, *, eps_low, eps_high,
-# dual_clip), positionally or by keyword; an entry ignores what it does not use.
+# dual_clip, tau_pos, tau_neg), positionally or by keyword; an entry ignores what it does not use.
 POLICY_LOSSES = {
     "reinforce": _reinforce_entry,
     "clipped": policy_loss_clipped,
     "clipped_sequence": policy_loss_clipped_sequence,
+    "cispo": policy_loss_cispo,
+    "sapo": policy_loss_sapo,
 }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from tether.config import TrainConfig
-from tether.core.advantages import ADVANTAGES, kl_shaped_token_rewards, masked_whiten
+from tether.core.advantages import ADVANTAGES, TOKEN_REWARD_ESTIMATORS, kl_shaped_token_rewards, masked_whiten
 from tether.core.kl import KL_ESTIMATORS
 from tether.rollout.batch import Rollout
 from tether.train.distributed import Dist
@@ -47,14 +47,14 @@ def compute_advantages(rollout: Rollout, cfg: TrainConfig, dist: Dist, *, beta: 
         measured_kl = global_masked_mean(kl_k1, mask, dist)
     if a.kl_mode == "reward" and uses_reference:
         kl_BT = KL_ESTIMATORS[a.kl_estimator](old_logprobs_BT, rollout.ref_logprobs_BT) * mask
-        if a.advantage == "gae":
+        if a.advantage in TOKEN_REWARD_ESTIMATORS:
             token_rewards = kl_shaped_token_rewards(scores, kl_BT, mask, beta=beta)
         else:
             scores = scores - beta * kl_BT.sum(-1)
     scores_global = dist.gather_cat(scores)
     valid_global = dist.gather_cat(valid)
     fn = ADVANTAGES[a.advantage]
-    if a.advantage == "gae":
+    if a.advantage in TOKEN_REWARD_ESTIMATORS:  # per-token: this rank's rows alone
         adv, returns = fn(scores_B=scores, response_mask_BT=mask, token_rewards_BT=token_rewards,
                           values_BT=rollout.old_values_BT, gamma=a.gamma, lam=a.lam)
     else:

@@ -87,7 +87,7 @@ def update(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatAccumulat
                     w = torch.exp(old - gather_rows(rollout.sampler_logprobs_BT, mb)).clamp(max=a.tis_cap)
                     adv = adv * w.detach()
                 pl_BT, pstats = loss_fn(lp, old, adv, mask, eps_low=a.eps_low, eps_high=a.eps_high,
-                                        dual_clip=a.dual_clip)
+                                        dual_clip=a.dual_clip, tau_pos=a.tau_pos, tau_neg=a.tau_neg)
                 kl_BT = None
                 if a.kl_mode == "loss" and uses_reference(cfg):
                     kl_BT = KL_ESTIMATORS[a.kl_estimator](lp, gather_rows(rollout.ref_logprobs_BT, mb))
