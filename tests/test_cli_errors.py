@@ -216,3 +216,14 @@ def test_report_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert sorted(p.name for p in other.iterdir()) == ["cat.jpg"]  # nothing written into it
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "no such run directory" in one_line(capsys.readouterr().err)
+
+
+def test_max_prompt_tokens_with_a_data_file_skips_long_prompts(files, tmp_path, caplog):
+    """rollout.max_prompt_tokens is checked on the sampler's tokens when the trainer is built (it used to need
+    a tokenizer the data loader never had, and raised)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "answer": "2"}) + "\n" for p in ["1+1=", "1+1=" * 20] * 2))
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        assert main(["train", *base(files, steps=1), f"data.source={prompts}", "rollout.max_prompt_tokens=10",
+                     f"--run-dir={tmp_path / 'run'}"]) == 0
+    assert "skipped 2 of 4 prompts" in caplog.text and "rollout.max_prompt_tokens=10" in caplog.text

@@ -178,8 +178,9 @@ def resume_checkpoint(cfg: TrainConfig, run_dir: Path, trainer: Trainer, clean: 
     return None
 
 
-def load_rows(cfg: TrainConfig, tokenizer=None) -> tuple[list[dict], Callable | None]:
-    """Prompt rows from `data.source`, and the task's own reward when the source is a built-in task."""
+def load_rows(cfg: TrainConfig) -> tuple[list[dict], Callable | None]:
+    """Prompt rows from `data.source`, and the task's own reward when the source is a built-in task. Prompt
+    lengths are checked by the Trainer, on the tokens the sampler will feed (collect.rows_that_fit)."""
     src = cfg.data.source
     if src is None:
         raise ConfigError("data.source is not set: give a prompts file (.jsonl/.csv/.parquet), a saved "
@@ -191,10 +192,7 @@ def load_rows(cfg: TrainConfig, tokenizer=None) -> tuple[list[dict], Callable | 
         return task.make_rows("train", cfg.task.train_size, seed=cfg.seed), task.reward
     from tether.data import load_prompt_rows
 
-    count = (lambda text: len(tokenizer(text).input_ids)) if tokenizer is not None else None
-    limit = cfg.rollout.max_prompt_tokens
-    data = load_prompt_rows(src, prompt_column=cfg.data.prompt_column, on_bad_row=cfg.data.on_bad_row,
-                            max_prompt_tokens=limit, count_tokens=count if limit else None)
+    data = load_prompt_rows(src, prompt_column=cfg.data.prompt_column, on_bad_row=cfg.data.on_bad_row)
     if data.skipped:
         log.warning("%s", data.skipped_summary())
     return data.rows, None
