@@ -3,7 +3,7 @@
 Every loss returns (loss_BT, stats): loss_BT is 0 outside the mask, stats are detached 0-dim tensors.
 The loss is *minimised*, so the policy losses are minus the surrogate objectives (Schulman et al. 2017).
 POLICY_LOSSES entries share one signature: (logprobs_BT, old_logprobs_BT, advantages_BT, response_mask_BT,
-*, eps_low, eps_high, dual_clip).
+*, eps_low, eps_high, dual_clip, tau_pos, tau_neg).
 """
 
 from __future__ import annotations
@@ -96,6 +96,26 @@ def policy_loss_reinforce(
     return _zero_outside(loss_BT, response_mask_BT), {}
 
 
+def _masked_log_ratio(logprobs_BT: Tensor, old_logprobs_BT: Tensor, response_mask_BT: Tensor) -> Tensor:
+    """log pi - log pi_old, clamped, with padded positions set to 0 before anything exponentiates them: they
+    may hold NaN or -inf, and a mask applied after exp() still multiplies NaN by 0 in backward."""
+    zero = torch.zeros((), dtype=logprobs_BT.dtype, device=logprobs_BT.device)
+    log_ratio = torch.where(response_mask_BT.bool(), logprobs_BT - old_logprobs_BT.detach(), zero)
+    return log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def _ratio_stats(ratio_BT: Tensor, response_mask_BT: Tensor, log_ratio_BT: Tensor) -> dict[str, Tensor]:
+    """Mean, min and max of the ratio over the mask, and k3 for the samples' own distribution:
+    E_old[(r - 1) - log r] = KL(pi_old || pi), always >= 0."""
+    mask = response_mask_BT.bool()
+    r = ratio_BT.detach()
+    mean = masked_mean(r, mask)
+    filled = torch.where(mask, r, mean)  # padding holds the mean, which can't be a new min or max
+    lr = log_ratio_BT.detach()
+    return {"ratio_mean": mean, "ratio_min": filled.min(), "ratio_max": filled.max(),
+            "approx_kl": masked_mean(torch.expm1(lr) - lr, mask)}
+
+
 def _clipped_surrogate(
     log_ratio_BT: Tensor,
     token_log_ratio_BT: Tensor,
@@ -124,18 +144,11 @@ def _clipped_surrogate(
     def frac(cond: Tensor) -> Tensor:
         return masked_mean(cond.float(), mask)
 
-    ratio_mean = masked_mean(r, mask)
-    r_filled = torch.where(mask, r, ratio_mean)  # padding holds the mean, which can't be a new min or max
-    lr = token_log_ratio_BT.detach()
     stats = {
         "clip_frac_low": frac((A < 0) & (r < 1.0 - eps_low)),
         "clip_frac_high": frac((A > 0) & (r > 1.0 + eps_high)),
         "dual_clip_frac": frac((A < 0) & (r > dual_clip)) if dual_clip is not None else r.new_zeros(()),
-        "ratio_mean": ratio_mean,
-        "ratio_min": r_filled.min(),
-        "ratio_max": r_filled.max(),
-        # k3 for the samples' own distribution: E_old[(r - 1) - log r] = KL(pi_old || pi), always >= 0.
-        "approx_kl": masked_mean(torch.expm1(lr) - lr, mask),
+        **_ratio_stats(ratio, response_mask_BT, token_log_ratio_BT),
     }
     return loss, stats
 
@@ -159,10 +172,7 @@ def policy_loss_clipped(
     Where the clip is active (A > 0, r > 1 + eps_high or A < 0, r < 1 - eps_low) the gradient is 0.
     eps_high > eps_low is DAPO's "clip-higher".
     """
-    mask = response_mask_BT.bool()  # padded positions may hold NaN or -inf: keep them out of exp() (above)
-    log_ratio = torch.where(mask, logprobs_BT - old_logprobs_BT.detach(), torch.zeros((), dtype=logprobs_BT.dtype,
-                                                                                     device=logprobs_BT.device))
-    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    log_ratio = _masked_log_ratio(logprobs_BT, old_logprobs_BT, response_mask_BT)
     return _clipped_surrogate(log_ratio, log_ratio, advantages_BT, response_mask_BT, eps_low, eps_high, dual_clip)
 
 
@@ -198,23 +208,6 @@ def policy_loss_clipped_sequence(
     return _clipped_surrogate(
         log_ratio, token_log_ratio, advantages_BT, response_mask_BT, eps_low, eps_high, dual_clip
     )
-
-
-def _masked_log_ratio(logprobs_BT: Tensor, old_logprobs_BT: Tensor, response_mask_BT: Tensor) -> Tensor:
-    """log pi - log pi_old with padded positions set to 0 before anything exponentiates them."""
-    zero = torch.zeros((), dtype=logprobs_BT.dtype, device=logprobs_BT.device)
-    log_ratio = torch.where(response_mask_BT.bool(), logprobs_BT - old_logprobs_BT.detach(), zero)
-    return log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-
-
-def _ratio_stats(ratio_BT: Tensor, response_mask_BT: Tensor, log_ratio_BT: Tensor) -> dict[str, Tensor]:
-    mask = response_mask_BT.bool()
-    r = ratio_BT.detach()
-    mean = masked_mean(r, mask)
-    filled = torch.where(mask, r, mean)
-    lr = log_ratio_BT.detach()
-    return {"ratio_mean": mean, "ratio_min": filled.min(), "ratio_max": filled.max(),
-            "approx_kl": masked_mean(torch.expm1(lr) - lr, mask)}
 
 
 def policy_loss_cispo(
