@@ -391,8 +391,6 @@ def test_graceful_stop_outside_main_thread_installs_nothing():
 
 
 def _three_checkpoints(tmp_path):
-    from tether.train.checkpoint import resumable_checkpoints  # noqa: F401  (used by the callers)
-
     policy, critic, optimizer, scheduler = make_trainer(True, seed=0)
     for step in (1, 2, 3):
         train_step(policy, critic, optimizer, scheduler)
@@ -408,7 +406,7 @@ def _truncate(path: Path, keep: float = 0.5) -> None:
 
 @pytest.mark.parametrize("victim", ["policy/model.safetensors", "optimizers.pt", "both"])
 def test_a_truncated_file_fails_verification_and_resume_takes_the_newest_good_one(tmp_path, victim):
-    from tether.train.checkpoint import resumable_checkpoints, verify_checkpoint
+    from tether.train.checkpoint import verify_checkpoint
 
     _three_checkpoints(tmp_path)
     newest = tmp_path / "checkpoints" / "step-000003"
@@ -417,7 +415,9 @@ def test_a_truncated_file_fails_verification_and_resume_takes_the_newest_good_on
         _truncate(newest / name)
     problem = verify_checkpoint(newest)
     assert "truncated or damaged" in problem and problem.split()[0] in ("policy/model.safetensors", "optimizers.pt")
-    good, bad = resumable_checkpoints(tmp_path)
+    checkpoints = list(reversed(complete_checkpoints(tmp_path)))
+    good = [p for p in checkpoints if verify_checkpoint(p) is None]
+    bad = [(p, verify_checkpoint(p)) for p in checkpoints if verify_checkpoint(p) is not None]
     assert [p.name for p in good] == ["step-000002", "step-000001"] and [p.name for p, _ in bad] == ["step-000003"]
 
 

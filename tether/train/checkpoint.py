@@ -22,9 +22,8 @@ checkpoint never looks like a real one. A lock file (flock, released by the OS e
 leftovers from deleting the temporary directory of a save that is still running in another process.
 
 A checkpoint can still be damaged after it was written (a disk fault, a copy cut short, a file truncated by hand):
-``verify_checkpoint`` checks every file against the manifest, and ``resumable_checkpoints`` lists the run's
-checkpoints newest first with the reason each one that fails is skipped, so a resume falls back to the newest one
-that verifies. A save that fails (disk full, permissions) raises ``CheckpointWriteError`` with the path and the
+``verify_checkpoint`` checks every file against the manifest, so that a resume can take the run's checkpoints
+newest first and fall back, saying why, to the newest one that verifies. A save that fails (disk full, permissions) raises ``CheckpointWriteError`` with the path and the
 cause, after removing its temporary directory; earlier checkpoints are never touched before the new one is complete.
 
 Everything loaded with torch.load uses ``weights_only=True``, so a checkpoint can't run code when loaded.
@@ -472,15 +471,6 @@ def _write_error(final: Path, root: Path, cause: BaseException) -> CheckpointWri
     err = CheckpointWriteError(f"could not write checkpoint {final}: {text}; {free}; {intact}")
     err.errno = getattr(cause, "errno", None)
     return err
-
-
-def resumable_checkpoints(run_dir: str | Path, *, hashes: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """The run's checkpoints that verify, newest first, and those that don't with the reason."""
-    good, bad = [], []
-    for path in reversed(complete_checkpoints(run_dir)):
-        problem = verify_checkpoint(path, hashes=hashes)
-        (bad.append((path, problem)) if problem else good.append(path))
-    return good, bad
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -113,8 +113,7 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: str | Path | None, is_main: bool 
         from tether.train.checkpoint import complete_checkpoints
 
         if not complete_checkpoints(run_dir):  # before anything is written there
-            raise ConfigError(f"--resume: {run_dir} has no checkpoint to continue from; drop --resume to start "
-                              "a new run there")
+            raise _nothing_to_resume(run_dir)
     if mode is None and run_dir.is_dir():
         held = holds_run(run_dir)
         if held and not cfg.logging.overwrite:
@@ -134,13 +133,18 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: str | Path | None, is_main: bool 
     return run_dir
 
 
+def _nothing_to_resume(run_dir: Path) -> ConfigError:
+    return ConfigError(f"--resume: {run_dir} has no checkpoint to continue from; drop --resume to start a new "
+                       "run there")
+
+
 def resume_checkpoint(cfg: TrainConfig, run_dir: Path, trainer: Trainer, clean: bool) -> Path | None:
     """Load the checkpoint the config asks for into `trainer`; returns it, or None for a fresh start.
 
     'latest' / 'auto' try the run's checkpoints newest first and skip, with a warning naming the reason, any
     that fails its manifest or cannot be loaded; 'latest' with none at all, or every one damaged, is an error.
     """
-    from tether.train.checkpoint import CheckpointError, latest_checkpoint, resumable_checkpoints, verify_checkpoint
+    from tether.train.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint, verify_checkpoint
 
     mode = cfg.checkpoint.resume
     if mode is None:
@@ -155,13 +159,16 @@ def resume_checkpoint(cfg: TrainConfig, run_dir: Path, trainer: Trainer, clean: 
         trainer.load(path)
         return path
     latest_checkpoint(run_dir, clean=clean)  # puts back a checkpoint caught mid-replacement, drops leftovers
-    good, bad = resumable_checkpoints(run_dir)
-    skipped = [f"{p.name}: {why}" for p, why in bad]
-    for path in good:
-        try:
-            trainer.load(path)
-        except CheckpointError as e:
-            skipped.append(f"{path.name}: {e}")
+    skipped = []
+    for path in reversed(complete_checkpoints(run_dir)):  # verified one at a time: older ones only if needed
+        problem = verify_checkpoint(path)
+        if problem is None:
+            try:
+                trainer.load(path)
+            except CheckpointError as e:
+                problem = str(e)
+        if problem is not None:
+            skipped.append(f"{path.name}: {problem}")
             continue
         for line in skipped:
             log.warning("resume: skipped damaged checkpoint %s", line)
@@ -172,8 +179,7 @@ def resume_checkpoint(cfg: TrainConfig, run_dir: Path, trainer: Trainer, clean: 
         raise CheckpointError(f"no checkpoint of {run_dir} can be resumed, every one is damaged: "
                               + "; ".join(skipped))
     if mode == "latest":
-        raise ConfigError(f"--resume: {run_dir} has no checkpoint to continue from; drop --resume to start a "
-                          "new run there")
+        raise _nothing_to_resume(run_dir)
     log.warning("checkpoint.resume=auto: no checkpoint in %s, starting a new run", run_dir)
     return None
 
