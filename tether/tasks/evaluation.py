@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from tether.rollout.prompts import render
 from tether.tasks.base import Task
 
 
@@ -23,12 +24,9 @@ def _pad_id(tokenizer) -> int:
 
 def _left_pad(tokenizer, prompts: list[str], device: torch.device,
               chat_template: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    if chat_template:  # each prompt one user turn, as the sampler feeds it in training
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    else:
-        ids = [tokenizer(p)["input_ids"] for p in prompts]
+    # As the sampler feeds prompts in training (with the chat template: each prompt a user turn).
+    rendered = [render(tokenizer, p, chat_template=chat_template) for p in prompts]
+    ids = [tokenizer(text, add_special_tokens=special)["input_ids"] for text, special in rendered]
     if any(len(x) == 0 for x in ids):
         raise ValueError("cannot generate from an empty prompt (it tokenizes to nothing)")
     width = max(len(x) for x in ids)
