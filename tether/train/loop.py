@@ -221,10 +221,10 @@ class Trainer:
         """
         from tether.train.checkpoint import rng_state, save_checkpoint
 
-        rng_states = self.dist.gather_objects(rng_state())  # each rank resumes its own sampling stream
         if self.run_dir is None:
             self.dist.barrier()
             return None
+        rng_states = self.dist.gather_objects(rng_state())  # each rank resumes its own sampling stream
         trained, optimizers = self.models.trained(), self.optimizers
         if self.models.sharded:
             from tether.train.fsdp_checkpoint import gather_for_checkpoint
