@@ -32,7 +32,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tether.config import ConfigError, deep_merge, load_yaml, parse_overrides, resolve_config
+    from tether.config import ConfigError, deep_merge, load_yaml, parse_overrides, resolve_config, task_layer
     from tether.pipeline import DEFAULT_JOB, format_summary, run_pipeline
     from tether.train.run import run_training
 
@@ -59,6 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         default = dict(DEFAULT_JOB)
         if (user.get("algorithm") or {}).get("name", "ppo") != "ppo":
             default.pop("algorithm")  # another algorithm starts from its own preset, untuned
+        if task_layer(user):  # a multi-turn task brings its own episode and turn budgets
+            default["rollout"] = {k: v for k, v in default["rollout"].items() if k != "max_new_tokens"}
         user = deep_merge(default, user)
     cfg = resolve_config(user)
     from tether.train.loop import configure_process

@@ -282,6 +282,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class EnvConfig:
+    name: str | None = knob(None, "Multi-turn episodes against an environment (tether/envs/): a built-in name "
+                            "(tether.envs.ENVIRONMENTS), 'module:Class' or 'path.py:Class'; one object per "
+                            "episode. None: single completions.")
+    options: dict = knob({}, "Keyword arguments of every environment's construction.")
+    max_turns: int = knob(4, "Model turns per episode at most; an episode still going then ends, flagged.", ge=1)
+    max_tokens: int = knob(256, "Tokens per episode after the opening prompt (model and environment turns); each "
+                           "model turn samples up to rollout.max_new_tokens of them.", ge=1)
+    on_error: str = knob("raise", "An environment that raises: stop with an error naming it and the episode, "
+                         "or end that episode unscored and count it (episode/env_failed_frac).",
+                         choices=("raise", "skip"))
+
+
+@dataclass
 class DistributedConfig:
     strategy: str = knob("ddp", "With several ranks: replicate (DDP) or shard (FSDP2) the trained models.",
                          choices=("ddp", "fsdp"))
@@ -308,6 +322,7 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Rewards."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Prompts."})
     task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "Built-in task."})
+    env: EnvConfig = field(default_factory=EnvConfig, metadata={"help": "Multi-turn environments."})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Logs and report."})
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "Checkpoints."})
     distributed: DistributedConfig = field(default_factory=DistributedConfig,
@@ -479,9 +494,24 @@ def resolve_config(raw: dict | None = None, overrides: list[str] | dict | None =
         preset = preset_dict(name)
     except KeyError as e:
         raise ConfigError(e.args[0]) from None
-    cfg = _build(TrainConfig, deep_merge(preset, merged))
+    cfg = _build(TrainConfig, deep_merge(deep_merge(preset, task_layer(merged)), merged))
     validate(cfg)
     return cfg
+
+
+def task_layer(merged: dict) -> dict:
+    """The partial config a built-in multi-turn task brings (tether/tasks/episodic.py): its environment as
+    env.name and the episode budgets it was tuned with; below the user's own values. Empty for other tasks."""
+    from tether.tasks import TASKS  # noqa: PLC0415
+
+    task = merged.get("task") or {}
+    source = str((merged.get("data") or {}).get("source") or "")
+    name = task.get("name") or (source[len("task:"):] if source.startswith("task:") else None)
+    factory = TASKS.get(name) if isinstance(name, str) else None
+    env_name = getattr(factory, "environment", "")
+    if not env_name:
+        return {}
+    return deep_merge({"env": {"name": env_name}}, getattr(factory, "env_defaults", {}))
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -509,6 +539,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("model.master_weights=true already computes in model.dtype: drop model.autocast.")
     if cfg.threads is not None and cfg.threads != "auto" and not (cfg.threads.isdigit() and int(cfg.threads) > 0):
         raise ConfigError(f"threads: {cfg.threads!r} is not allowed; give 'auto', a positive integer, or null.")
+    if cfg.env.name is not None and r.backend != "hf":
+        raise ConfigError(f"env.name={cfg.env.name!r}: episodes are sampled with rollout.backend=hf for now "
+                          f"(got {r.backend!r})")
+    if cfg.env.name is not None and r.stop_strings:
+        raise ConfigError("env.name with rollout.stop_strings: a model turn ends at its end-of-turn token; "
+                          "drop rollout.stop_strings")
     if a.eps_high < a.eps_low and a.name == "dapo":
         raise ConfigError("dapo expects algorithm.eps_high >= algorithm.eps_low.")
 

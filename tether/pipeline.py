@@ -58,7 +58,7 @@ def prepare_sft_model(cfg: TrainConfig, echo=print) -> tuple[Path, dict]:
     source = cfg.data.source or ""
     task_name = cfg.task.name or (source[len("task:"):] if source.startswith("task:") else "arithmetic")
     task = get_task(task_name, **cfg.task.options)
-    model_kw = {**DEFAULT_MODEL, **cfg.task.model_size}
+    model_kw = {**DEFAULT_MODEL, **getattr(task, "model_defaults", {}), **cfg.task.model_size}
     sft_kw = dict(DEFAULT_SFT)
     if cfg.task.sft_steps:
         sft_kw["steps"] = cfg.task.sft_steps
@@ -99,6 +99,13 @@ def evaluate_policy(model, tokenizer, cfg: TrainConfig, rows: list[dict]) -> dic
     was_training = model.training
     model.eval()
     try:
+        if cfg.env.name is not None and getattr(task, "environment", None):  # greedy episodes
+            from tether.tasks.evaluation import evaluate_episodes
+
+            return evaluate_episodes(model, tokenizer, task, rows, max_turns=cfg.env.max_turns,
+                                     max_tokens=cfg.env.max_tokens, max_new_tokens=cfg.rollout.max_new_tokens,
+                                     chat_template=cfg.model.chat_template, system_prompt=cfg.model.system_prompt,
+                                     options=cfg.env.options)
         return evaluate_task(model, tokenizer, task, rows, max_new_tokens=cfg.rollout.max_new_tokens,
                              chat_template=cfg.model.chat_template)
     finally:

@@ -113,10 +113,10 @@ def _worker(spec_path: str) -> None:
             if job.get("uneven_generate"):
                 # FSDP: every forward all-gathers, so ranks that finish sampling early must keep stepping
                 # (synced_gpus) until all have; here rank r stops after 2 + 3r tokens.
-                t.backend.gen_config.max_new_tokens = 2 + 3 * dist.rank
+                t.backend.max_new_tokens = 2 + 3 * dist.rank
                 r = t.backend.generate(PROMPTS[:2], [p["prompt"] for p in PROMPTS[:2]], group_size=2)
                 returned[f"{job['name']}/generated_width"] = r.response_mask_BT.shape[1]
-                t.backend.gen_config.max_new_tokens = cfg.rollout.max_new_tokens
+                t.backend.max_new_tokens = cfg.rollout.max_new_tokens
             metrics = [t.step().metrics | {"step": t.step_count} for _ in range(job.get("steps", 1))]
             saved = t.save(keep_last=2) if job.get("save") else None
         returned[job["name"]] = str(saved) if saved else None

@@ -2,6 +2,8 @@
 
 Layout: `input_ids_BL = [prompt (left-padded, P) | completion (right-padded, T)]`, so completion token t
 sits at position P + t and is predicted by the logits at position P + t - 1.
+For an episode (rollout/episodes.py) the completion block holds every turn after the opening, the model's
+and the environment's; `response_mask_BT` is 1 on the model's tokens only, `attention_mask_BL` on all of them.
 Stages add fields (scores, old/ref log-probs, values, advantages) and never reach back.
 """
 
@@ -30,6 +32,10 @@ class Rollout:
     completions: list[str]
     rows: list[dict]                     # dataset rows (other columns go to reward functions)
     group_size: int
+    # Episodes (rollout/episodes.py); None for single completions
+    turn_rewards_BT: torch.Tensor | None = None  # each environment reward on the last token of its turn
+    episode_BK: torch.Tensor | None = None       # per-episode counters, columns episodes.EPISODE_COLUMNS
+    conversations: list | None = None            # each episode as chat messages, roles visible
     # Added by later stages
     scores_B: torch.Tensor | None = None
     valid_B: torch.Tensor | None = None
@@ -90,6 +96,14 @@ class Rollout:
             rm.append(pad_completion(p.response_mask_BT, 0.0))
             if p.sampler_logprobs_BT is not None:
                 slp.append(pad_completion(p.sampler_logprobs_BT, 0.0))
+        def joined(name: str):  # an optional field, kept when every part has it
+            vals = [getattr(p, name) for p in parts]
+            if any(v is None for v in vals):
+                return None
+            if name.endswith("_BT"):
+                return torch.cat([pad_completion(v, 0.0) for v in vals])
+            return torch.cat(vals) if isinstance(vals[0], torch.Tensor) else sum(vals, [])
+
         out = Rollout(
             input_ids_BL=torch.cat(ids), attention_mask_BL=torch.cat(am), prompt_len=P,
             response_mask_BT=torch.cat(rm),
@@ -97,6 +111,8 @@ class Rollout:
             truncated_B=torch.cat([p.truncated_B for p in parts]),
             prompts=sum((p.prompts for p in parts), []), completions=sum((p.completions for p in parts), []),
             rows=sum((p.rows for p in parts), []), group_size=parts[0].group_size,
+            turn_rewards_BT=joined("turn_rewards_BT"), episode_BK=joined("episode_BK"),
+            conversations=joined("conversations"),
         )
         for name in ("scores_B", "valid_B"):
             vals = [getattr(p, name) for p in parts]

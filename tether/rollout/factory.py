@@ -41,3 +41,21 @@ def make_backend(cfg: TrainConfig, policy: torch.nn.Module, tokenizer, *, autoca
                              # Under FSDP the prefill would gather the shards on its own, and only on ranks
                              # whose prompts repeat: generate's gather must stay the only one.
                              share_prompts=cfg.optim.share_prompts and not fsdp)
+
+
+def make_episode_runner(cfg: TrainConfig, tokenizer, *, context_window: int | None):
+    """The episode runner for `cfg.env` (None without an environment): environments from its factory, turns
+    tokenized by the chat template's deltas (model.chat_template) or the plain format."""
+    if cfg.env.name is None:
+        return None
+    from tether.envs.base import load_environment_factory
+    from tether.rollout.episodes import ChatFormat, EpisodeRunner, PlainFormat
+
+    e = cfg.env
+    make_env = load_environment_factory(e.name, e.options)
+    tools = getattr(make_env(), "schemas", None)
+    fmt = (ChatFormat(tokenizer, system_prompt=cfg.model.system_prompt, tools=tools) if cfg.model.chat_template
+           else PlainFormat(tokenizer))
+    return EpisodeRunner(make_env, fmt, tokenizer, max_turns=e.max_turns, max_tokens=e.max_tokens,
+                         max_new_tokens=cfg.rollout.max_new_tokens, context_window=context_window,
+                         on_error=e.on_error, env_name=e.name)

@@ -317,11 +317,11 @@ class HFGenerateBackend:
             self.policy = self.source = policy  # generate runs on the policy object itself
 
     @torch.no_grad()
-    def _generate_chunk(self, prompts: list[str], rows: list[dict], group_size: int) -> Rollout:
-        device = next(self.policy.parameters()).device
-        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, chat_template=self.chat_template,
-                                                 system_prompt=self.system_prompt,
-                                                 device=device)
+    def _sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Continuations of the left-padded `prompt_ids`: (completion_BT padded after its end, sampler
+        log-probs_BT, mask_BT up to and including EOS, truncated_B)."""
+        device = prompt_ids.device
         P = prompt_ids.shape[1]
         was_training = self.policy.training
         self.policy.eval()
@@ -337,15 +337,15 @@ class HFGenerateBackend:
             # tensors that training later writes into.
             with (torch.inference_mode(not is_sharded(self.policy)), autocast, forward,
                   matmul_decode_installed(self.policy, self.matmul_decode),
-                  packed_linears_installed(self.policy, len(prompts), self.packed_linears)):
+                  packed_linears_installed(self.policy, prompt_ids.shape[0], self.packed_linears)):
                 recorder = SampledLogprobs()
-                cache = (preallocated_cache(self.policy, P + self.max_new_tokens) if self.compiled_forward is None
+                cache = (preallocated_cache(self.policy, P + max_new_tokens) if self.compiled_forward is None
                          else None)
                 if self.share_prompts:
                     cache = prefill_shared_prompts(self.policy, prompt_ids, prompt_mask, cache)
                 extra = {CACHE_KWARG: cache} if cache is not None else {}
                 sequences = self.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **extra,
-                                                 generation_config=self.gen_config,
+                                                 generation_config=self.gen_config, max_new_tokens=max_new_tokens,
                                                  logits_processor=LogitsProcessorList(self.warpers + [recorder]),
                                                  tokenizer=self.tokenizer if self.stop_strings else None)
         finally:
@@ -358,13 +358,38 @@ class HFGenerateBackend:
         if self.stop_strings:
             truncated = truncated & (generated_len >= T)
         completion = torch.where(mask.bool(), completion, torch.full_like(completion, self.tokenizer.pad_token_id))
+        return completion, sampler_lp * mask, mask, truncated
+
+    def _generate_chunk(self, prompts: list[str], rows: list[dict], group_size: int) -> Rollout:
+        device = next(self.policy.parameters()).device
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, chat_template=self.chat_template,
+                                                 system_prompt=self.system_prompt,
+                                                 device=device)
+        completion, sampler_lp, mask, truncated = self._sample(prompt_ids, prompt_mask, self.max_new_tokens)
         texts = self.tokenizer.batch_decode(completion, skip_special_tokens=True)
         return Rollout(
             input_ids_BL=torch.cat([prompt_ids, completion], 1),
             attention_mask_BL=torch.cat([prompt_mask, mask.long()], 1),
-            prompt_len=P, response_mask_BT=mask, sampler_logprobs_BT=sampler_lp * mask,
+            prompt_len=prompt_ids.shape[1], response_mask_BT=mask, sampler_logprobs_BT=sampler_lp,
             truncated_B=truncated, prompts=prompts, completions=texts, rows=rows, group_size=group_size,
         )
+
+    def sample_tokens(self, sequences: list[list[int]], max_new_tokens: int) -> list:
+        """Token in, token out: one continuation of each token sequence (an episode so far), up to
+        `max_new_tokens`, as `episodes.Sampled` (its ids to and including EOS, their log-probs)."""
+        from tether.rollout.episodes import Sampled
+
+        device = next(self.policy.parameters()).device
+        out = []
+        for s in range(0, len(sequences), self.micro_batch_size):
+            chunk = sequences[s:s + self.micro_batch_size]
+            enc = self.tokenizer.pad({"input_ids": chunk}, padding=True, return_tensors="pt")
+            completion, lp, mask, truncated = self._sample(enc.input_ids.to(device), enc.attention_mask.to(device),
+                                                           max_new_tokens)
+            lengths = mask.sum(-1).long().tolist()
+            for i, n in enumerate(lengths):
+                out.append(Sampled(completion[i, :n].tolist(), lp[i, :n].tolist(), not bool(truncated[i])))
+        return out
 
     def _stop_string_lengths(self, completion_BT: torch.Tensor, T: int) -> torch.Tensor:
         """Tokens up to the end of the first stop string in each row (T where there is none)."""

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from tether.tasks.arithmetic import ArithmeticTask
 from tether.tasks.base import Task
 from tether.tasks.chat_arithmetic import ChatArithmeticTask
+from tether.tasks.episodic import CalculatorTask, EpisodicTask, GuessNumberTask, PythonMathTask
 from tether.tasks.sequence import SequenceTask
 
 # name -> factory (a Task subclass or any callable returning a Task). Other modules may add entries.
@@ -19,6 +20,9 @@ TASKS: dict[str, Callable[..., Task]] = {
     "arithmetic": ArithmeticTask,
     "chat_arithmetic": ChatArithmeticTask,
     "sequence": SequenceTask,
+    "calculator": CalculatorTask,
+    "guess_number": GuessNumberTask,
+    "python_math": PythonMathTask,
 }
 
 
@@ -36,4 +40,5 @@ def get_task(name: str, **options: Any) -> Task:
     return factory(**options)
 
 
-__all__ = ["TASKS", "ArithmeticTask", "ChatArithmeticTask", "SequenceTask", "Task", "get_task"]
+__all__ = ["TASKS", "ArithmeticTask", "CalculatorTask", "ChatArithmeticTask", "EpisodicTask", "GuessNumberTask",
+           "PythonMathTask", "SequenceTask", "Task", "get_task"]

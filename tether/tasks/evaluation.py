@@ -158,3 +158,61 @@ def evaluate_task(
         for p, c, row, ok in list(zip(prompts, completions, rows, correct))[:num_examples]
     ]
     return result
+
+
+def greedy_sampler(model, tokenizer, *, batch_size: int = 64):
+    """A `SampleFn` (rollout/episodes.py) that continues token sequences greedily, for evaluation."""
+    from tether.rollout.episodes import Sampled
+
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
+
+    def sample(sequences: list[list[int]], max_new_tokens: int) -> list:
+        out = []
+        for s in range(0, len(sequences), batch_size):
+            chunk = sequences[s:s + batch_size]
+            width = max(len(x) for x in chunk)
+            ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 temperature=None, top_k=None, top_p=None, pad_token_id=pad, eos_token_id=eos)
+            for row in gen[:, width:].tolist():
+                ended = eos in row
+                row = row[:row.index(eos) + 1] if ended else row
+                out.append(Sampled(row, [0.0] * len(row), ended))
+        return out
+
+    return sample
+
+
+@torch.no_grad()
+def evaluate_episodes(model, tokenizer, task, rows: list[dict], *, max_turns: int, max_tokens: int,
+                      max_new_tokens: int, chat_template: bool = False, system_prompt: str | None = None,
+                      options: dict | None = None, num_examples: int = 5) -> dict:
+    """Greedy episodes of `task`'s environment on `rows`: {"accuracy" (the share of episodes the task counts
+    a success), "n", "mean_reward", "turns_mean", "tool_calls_mean", "examples" (conversations)}."""
+    from tether.envs.base import load_environment_factory
+    from tether.rollout.episodes import ChatFormat, EpisodeRunner, PlainFormat
+
+    make_env = load_environment_factory(task.environment, options)
+    tools = getattr(make_env(), "schemas", None)
+    fmt = ChatFormat(tokenizer, system_prompt=system_prompt, tools=tools) if chat_template else PlainFormat(tokenizer)
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    runner = EpisodeRunner(make_env, fmt, tokenizer, max_turns=max_turns, max_tokens=max_tokens,
+                           max_new_tokens=max_new_tokens, context_window=context, env_name=task.environment)
+    was_training = model.training
+    model.eval()
+    try:
+        episodes = runner.run(rows, greedy_sampler(model, tokenizer))
+    finally:
+        model.train(was_training)
+    rewards = [sum(r for _, r in e.rewards) for e in episodes]
+    n = len(episodes)
+    return {
+        "accuracy": sum(task.is_success(r) for r in rewards) / n, "n": n, "mean_reward": sum(rewards) / n,
+        "turns_mean": sum(e.counts["turns"] for e in episodes) / n,
+        "tool_calls_mean": sum(e.counts["tool_calls"] for e in episodes) / n,
+        "examples": [{"conversation": e.conversation, "reward": r, "answer": e.row.get("answer")}
+                     for e, r in list(zip(episodes, rewards))[:num_examples]],
+    }

@@ -34,7 +34,9 @@ def compute_advantages(rollout: Rollout, cfg: TrainConfig, dist: Dist, *, beta: 
     or pi_old log-probs): what the adaptive KL controller consumes.
 
     KL in the reward (Ziegler et al. 2019): with GAE the per-token reward is -beta * kl_t plus the score at the
-    last token; for outcome estimators the sequence score is the score minus beta * sum_t kl_t.
+    last token; for outcome estimators the sequence score is the score minus beta * sum_t kl_t. In an episode
+    the per-token estimators get each environment reward on the last token of its turn instead (the score is
+    their sum plus the reward functions'); outcome estimators see the episode's whole score.
     """
     a = cfg.algorithm
     mask = rollout.response_mask_BT
@@ -51,6 +53,12 @@ def compute_advantages(rollout: Rollout, cfg: TrainConfig, dist: Dist, *, beta: 
             token_rewards = kl_shaped_token_rewards(scores, kl_BT, mask, beta=beta)
         else:
             scores = scores - beta * kl_BT.sum(-1)
+    if rollout.turn_rewards_BT is not None and a.advantage in TOKEN_REWARD_ESTIMATORS:
+        # Episodes: each turn's reward on the token ending that turn, the rest of the score at the last token.
+        turns_BT = torch.where(valid.unsqueeze(-1), rollout.turn_rewards_BT.to(mask.device), 0.0)
+        kl_part = kl_BT if token_rewards is not None else torch.zeros_like(mask)
+        token_rewards = kl_shaped_token_rewards(scores - turns_BT.sum(-1), kl_part, mask,
+                                                beta=beta if token_rewards is not None else 0.0) + turns_BT
     scores_global = dist.gather_cat(scores)
     valid_global = dist.gather_cat(valid)
     fn = ADVANTAGES[a.advantage]

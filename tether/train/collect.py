@@ -12,6 +12,7 @@ import torch
 
 from tether.config import TrainConfig
 from tether.rollout.batch import Rollout
+from tether.rollout.episodes import EPISODE_COLUMNS, EpisodeRunner, episodes_to_rollout
 from tether.rollout.prompts import messages
 from tether.train.distributed import Dist
 from tether.train.errors import TrainingError
@@ -27,21 +28,36 @@ class CollectInfo:
     filtered_groups: int = 0
 
 
-def score(rollout: Rollout, reward: Callable, device: torch.device, *, conversation: bool = False,
+def score(rollout: Rollout, reward: Callable | None, device: torch.device, *, conversation: bool = False,
           system_prompt: str | None = None) -> None:
     """Fill `scores_B`, `valid_B` and `reward_stats` from the reward scorer; the dataset's columns, the
     truncation flags and the completion lengths reach the reward functions as keyword lists, and with
-    `conversation` the whole conversation of each sample (its prompt messages, then the completion)."""
+    `conversation` the whole conversation of each sample (its prompt messages, then the completion; for an
+    episode, every turn). An episode's score is the sum of its environment rewards plus the reward functions'
+    (when any are configured); an episode whose environment failed is unscored."""
+    episodes = rollout.turn_rewards_BT is not None
+    env_total = rollout.turn_rewards_BT.sum(-1).to(device) if episodes else None
+    env_ok = (rollout.episode_BK[:, EPISODE_COLUMNS.index("env_failed")] == 0).to(device) if episodes else None
+    if reward is None:
+        if not episodes:
+            raise TrainingError("no reward to score completions with")
+        rollout.scores_B, rollout.valid_B = env_total.float(), env_ok
+        rollout.reward_stats, rollout.scored_rows = {}, len(rollout)
+        return
     keys = sorted({k for row in rollout.rows for k in row if k != "prompt"})
     columns: dict[str, list] = {k: [row.get(k) for row in rollout.rows] for k in keys}
     columns["truncated"] = rollout.truncated_B.tolist()
     columns["completion_lengths"] = rollout.completion_lengths_B.tolist()
     if conversation:
-        columns["conversation"] = [messages(p, system_prompt) + [{"role": "assistant", "content": c}]
-                                   for p, c in zip(rollout.prompts, rollout.completions)]
+        columns["conversation"] = (rollout.conversations if episodes else
+                                   [messages(p, system_prompt) + [{"role": "assistant", "content": c}]
+                                    for p, c in zip(rollout.prompts, rollout.completions)])
     result = reward(rollout.prompts, rollout.completions, columns)
     rollout.scores_B = result.scores.float().to(device)
     rollout.valid_B = result.valid.bool().to(device)
+    if episodes:
+        rollout.scores_B = torch.where(rollout.valid_B, rollout.scores_B, 0.0) + env_total
+        rollout.valid_B = rollout.valid_B & env_ok
     rollout.reward_stats = dict(result.stats)
     rollout.scored_rows = len(rollout)
 
@@ -60,9 +76,11 @@ def filter_uniform_groups(rollout: Rollout) -> tuple[Rollout, int]:
     return rollout.select(rows), int((~has_signal).sum())
 
 
-def collect(cfg: TrainConfig, sampler, backend, reward: Callable, dist: Dist, *, pad_token_id: int,
-            device: torch.device, healthy: bool = True) -> tuple[Rollout, CollectInfo]:
-    """This rank's scored rollout of the step (prompts_per_step / ranks prompts x group_size completions)."""
+def collect(cfg: TrainConfig, sampler, backend, reward: Callable | None, dist: Dist, *, pad_token_id: int,
+            device: torch.device, healthy: bool = True, episodes: EpisodeRunner | None = None
+            ) -> tuple[Rollout, CollectInfo]:
+    """This rank's scored rollout of the step (prompts_per_step / ranks prompts x group_size completions, or
+    with `episodes`, group_size episodes of each row)."""
     a, r = cfg.algorithm, cfg.rollout
     wanted = r.prompts_per_step // dist.world_size
     info = CollectInfo()
@@ -71,7 +89,7 @@ def collect(cfg: TrainConfig, sampler, backend, reward: Callable, dist: Dist, *,
     for _ in range(1 + (a.max_filter_rounds if a.filter_groups else 0)):
         rows = dist.shard(sampler.next_batch(), 1)
         t0 = time.perf_counter()
-        rollout = _generate(backend, rows, r.group_size, healthy)
+        rollout = _generate(backend, rows, r.group_size, healthy, episodes, pad_token_id)
         info.seconds["generate"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         score(rollout, reward, device, conversation=cfg.reward.conversation, system_prompt=cfg.model.system_prompt)
@@ -92,8 +110,12 @@ def collect(cfg: TrainConfig, sampler, backend, reward: Callable, dist: Dist, *,
     return rollout, info
 
 
-def _generate(backend, rows: list[dict], group_size: int, healthy: bool) -> Rollout:
+def _generate(backend, rows: list[dict], group_size: int, healthy: bool, episodes: EpisodeRunner | None,
+              pad_token_id: int) -> Rollout:
     try:
+        if episodes is not None:
+            done = episodes.run(rows, backend.sample_tokens, group_size=group_size)
+            return episodes_to_rollout(done, pad_token_id=pad_token_id, group_size=group_size)
         return backend.generate(rows, [row["prompt"] for row in rows], group_size=group_size)
     except RuntimeError as e:
         if "probability tensor contains" not in str(e):

@@ -39,8 +39,9 @@ def make_micro_batch(rollout: Rollout, index: torch.Tensor) -> MicroBatch:
     ids = rollout.input_ids_BL[index]
     am = rollout.attention_mask_BL[index]
     rmask = rollout.response_mask_BT[index]
-    # Trim padding both sides: fewer positions means fewer FLOPs and a smaller [b, t, V] logits tensor.
-    t = max(int(rmask.sum(-1).max().item()), 1)
+    # Trim padding both sides: fewer positions means fewer FLOPs and a smaller [b, t, V] logits tensor. The
+    # completion block is attended contiguously from P (an episode's environment turns included).
+    t = max(int(am[:, P:].sum(-1).max().item()), 1)
     p_real = int(am[:, :P].sum(-1).max().item())
     start = P - p_real
     ids = ids[:, start:P + t]

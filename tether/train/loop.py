@@ -1,6 +1,6 @@
 """The RL training loop: one step reads top to bottom like the roadmap.
 
-    1. collect       sample G completions per prompt, score them (DAPO: refill filtered groups)  train/collect.py
+    1. collect       sample G completions (or episodes) per prompt, score them (DAPO: refill)   train/collect.py
     2. passes        log pi_old, log pi_ref and old values, no grad                              train/passes.py
     3. advantages    KL in the reward or not, the estimator, whitening; the measured KL          train/advantages.py
     4. update        K epochs x M minibatches of the composite loss, guarded optimiser steps     train/update.py
@@ -30,7 +30,7 @@ from tether import models
 from tether.config import TrainConfig, dump_yaml, validate_for_world
 from tether.core.kl import AdaptiveKLController, FixedKLController
 from tether.rollout.batch import Rollout
-from tether.rollout.factory import make_backend
+from tether.rollout.factory import make_backend, make_episode_runner
 from tether.train.advantages import compute_advantages
 from tether.train.collect import collect, rows_that_fit
 from tether.train.distributed import Dist
@@ -102,9 +102,11 @@ class Trainer:
                                     autocast_dtype=self.models.autocast_dtype,
                                     fsdp=self.dist.enabled and cfg.distributed.strategy == "fsdp")
         self.reward = reward_fn
+        self.episodes = make_episode_runner(cfg, self.tokenizer, context_window=self.models.context_window)
         from tether.data import PromptSampler
 
-        self.rows = rows_that_fit(rows, cfg, self.tokenizer, self.models.context_window)
+        # An episode's opening comes from its environment; a too long one is ended and flagged there.
+        self.rows = rows if self.episodes else rows_that_fit(rows, cfg, self.tokenizer, self.models.context_window)
         self.sampler = PromptSampler(self.rows, batch_size=cfg.rollout.prompts_per_step, seed=cfg.seed,
                                      shuffle=cfg.data.shuffle)
         self.health = Health(cfg.optim.max_bad_steps, cfg.optim.max_weight_growth, cfg.optim.lr)
@@ -149,7 +151,8 @@ class Trainer:
 
         # 1. collect: sample and score
         rollout, info = collect(cfg, self.sampler, self.backend, self.reward, dist, device=self.device,
-                                pad_token_id=self.tokenizer.pad_token_id, healthy=self.health.healthy)
+                                pad_token_id=self.tokenizer.pad_token_id, healthy=self.health.healthy,
+                                episodes=self.episodes)
         timing.update(info.seconds)
         B = len(rollout)
         first_epoch_order = self.minibatch_order(B, epoch=0)

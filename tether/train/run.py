@@ -195,7 +195,9 @@ def load_rows(cfg: TrainConfig) -> tuple[list[dict], Callable | None]:
         from tether.tasks import get_task
 
         task = get_task(src[len("task:"):], **cfg.task.options)
-        return task.make_rows("train", cfg.task.train_size, seed=cfg.seed), task.reward
+        # A multi-turn task's reward is its environment's (env.name).
+        reward = None if getattr(task, "environment", None) else task.reward
+        return task.make_rows("train", cfg.task.train_size, seed=cfg.seed), reward
     from tether.data import load_prompt_rows
 
     data = load_prompt_rows(src, prompt_column=cfg.data.prompt_column, on_bad_row=cfg.data.on_bad_row)
@@ -229,6 +231,8 @@ def build_reward(cfg: TrainConfig, extra: list | None = None):
                                clip=cfg.reward.clip, trust_remote_code=cfg.model.trust_remote_code)
         functions.append((rm, cfg.reward.reward_model_weight))
     if not functions:
+        if cfg.env.name is not None:
+            return None  # episodes are scored by their environment's rewards alone
         raise ConfigError("no reward: set reward.functions, reward.reward_model, or use a task:NAME data source")
     return RewardScorer(functions, on_error=cfg.reward.on_error, timeout_s=cfg.reward.timeout_s)
 
@@ -313,9 +317,11 @@ def _sample_rows(rollout, n: int) -> list[dict]:
     rows = []
     for i in range(min(n, len(rollout))):
         score = rollout.scores_B[i].item()
-        rows.append({"prompt": rollout.prompts[i], "completion": rollout.completions[i],
-                     "reward": None if score != score else score,
-                     "truncated": bool(rollout.truncated_B[i])})
+        row = {"prompt": rollout.prompts[i], "completion": rollout.completions[i],
+               "reward": None if score != score else score, "truncated": bool(rollout.truncated_B[i])}
+        if rollout.conversations is not None:  # an episode: every turn, with its role
+            row["conversation"] = rollout.conversations[i]
+        rows.append(row)
     return rows
 
 

@@ -1,6 +1,7 @@
 """Supervised fine-tuning on (prompt, completion) rows: the warm start before RL.
 
-Each example is  prompt tokens + completion tokens + EOS.  The loss is the mean next-token cross-entropy
+Each example is  prompt tokens + completion tokens + EOS, or a multi-turn episode (a row with an "episode":
+its assistant turns are learnt, each with its EOS, its environment turns are context only).  The loss is the mean next-token cross-entropy
 over the completion tokens and the EOS only: prompt and padding positions get label -100. Batches are
 right-padded. AdamW, linear warmup then cosine decay to `min_lr_ratio * lr`, gradient-norm clipping.
 
@@ -42,6 +43,13 @@ def _check_rows(rows: list[dict]) -> None:
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ValueError(f"SFT row {i} is a {type(row).__name__}, expected a dict with 'prompt' and 'completion'")
+        if "episode" in row:
+            if not isinstance(row["episode"], list) or not all(
+                    isinstance(t, dict) and isinstance(t.get("content"), str) and t.get("role") in
+                    ("assistant", "user", "tool") for t in row["episode"]):
+                raise ValueError(f"SFT row {i}: 'episode' must be a list of {{'role': 'assistant' | 'user' | "
+                                 f"'tool', 'content': str}} turns: {row!r}")
+            continue
         missing = [k for k in ("prompt", "completion") if k not in row]
         if missing:
             raise ValueError(f"SFT row {i} is missing {', '.join(missing)}: {row!r}")
@@ -60,6 +68,25 @@ def tokenize_examples(tokenizer, prompts: list[str], completions: list[str]) -> 
         c = c + [tokenizer.eos_token_id]
         examples.append((p + c, [IGNORE] * len(p) + c))
     return examples
+
+
+def tokenize_rows(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """`tokenize_examples` of (prompt, completion) rows; a row with an "episode" (a multi-turn demonstration)
+    is tokenized as a sampled episode would be (rollout/episodes.py) with labels on the assistant turns only."""
+    from tether.rollout.episodes import PlainFormat, episode_tokens
+
+    single = [i for i, r in enumerate(rows) if "episode" not in r]
+    out: list = [None] * len(rows)
+    if single:
+        for i, ex in zip(single, tokenize_examples(tokenizer, [rows[i]["prompt"] for i in single],
+                                                   [rows[i]["completion"] for i in single])):
+            out[i] = ex
+    fmt = PlainFormat(tokenizer)
+    for i, r in enumerate(rows):
+        if out[i] is None:
+            ids, mask = episode_tokens(fmt, tokenizer, r["prompt"], r["episode"])
+            out[i] = (ids, [t if m else IGNORE for t, m in zip(ids, mask)])
+    return out
 
 
 def tokenize_example(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
@@ -148,7 +175,7 @@ def run_sft(
 
     kept: list[tuple[list[int], list[int]]] = []
     truncated = 0
-    for input_ids, labels in tokenize_examples(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows]):
+    for input_ids, labels in tokenize_rows(tokenizer, rows):
         truncated += len(input_ids) > max_length
         input_ids, labels = input_ids[:max_length], labels[:max_length]
         # A prompt that fills max_length leaves nothing to learn from (labels are shifted by one).

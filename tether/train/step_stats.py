@@ -12,6 +12,7 @@ from torch import nn
 from tether.core.advantages import masked_mean
 from tether.core.losses import explained_variance
 from tether.rollout.batch import Rollout
+from tether.rollout.episodes import episode_stats, episode_sums
 from tether.train.distributed import Dist
 from tether.train.errors import TrainingError
 
@@ -19,7 +20,8 @@ log = logging.getLogger("tether")
 
 
 def rollout_stats(rollout: Rollout, dist: Dist) -> dict[str, float]:
-    """reward/*, completion/*, advantages/*, value/explained_variance and the scorer's per-function figures."""
+    """reward/*, completion/* (model tokens), advantages/*, value/explained_variance, the scorer's
+    per-function figures, and for episodes episode/* (rollout/episodes.py explains each)."""
     mask = rollout.response_mask_BT
     valid = rollout.valid_B
     lengths = mask.sum(-1)
@@ -48,6 +50,8 @@ def rollout_stats(rollout: Rollout, dist: Dist) -> dict[str, float]:
     if rollout.returns_BT is not None and rollout.old_values_BT is not None:
         out["value/explained_variance"] = global_explained_variance(rollout.old_values_BT, rollout.returns_BT,
                                                                     mask, dist)
+    if rollout.episode_BK is not None:
+        out.update(episode_stats(dist.sum(episode_sums(rollout.episode_BK, mask))))
     # The scorer's figures describe this rank's rows (every rank holds as many): average them over ranks.
     rs = dict(rollout.reward_stats)
     if rs and dist.enabled:
