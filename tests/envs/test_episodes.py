@@ -6,7 +6,8 @@ import asyncio
 import pytest
 import torch
 
-from tether.envs.base import EpisodeError, Feedback, load_environment_factory
+from tether.envs.base import EpisodeError, Feedback
+from tether.envs.loading import load_environment_factory
 from tether.rollout.batch import Rollout
 from tether.rollout.episodes import (
     EPISODE_COLUMNS,

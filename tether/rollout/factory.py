@@ -48,7 +48,7 @@ def make_episode_runner(cfg: TrainConfig, tokenizer, *, context_window: int | No
     tokenized by the chat template's deltas (model.chat_template) or the plain format."""
     if cfg.env.name is None:
         return None
-    from tether.envs.base import load_environment_factory
+    from tether.envs.loading import load_environment_factory
     from tether.rollout.episodes import ChatFormat, EpisodeRunner, PlainFormat
 
     e = cfg.env

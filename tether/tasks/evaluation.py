@@ -192,7 +192,7 @@ def evaluate_episodes(model, tokenizer, task, rows: list[dict], *, max_turns: in
                       options: dict | None = None, num_examples: int = 5) -> dict:
     """Greedy episodes of `task`'s environment on `rows`: {"accuracy" (the share of episodes the task counts
     a success), "n", "mean_reward", "turns_mean", "tool_calls_mean", "examples" (conversations)}."""
-    from tether.envs.base import load_environment_factory
+    from tether.envs.loading import load_environment_factory
     from tether.rollout.episodes import ChatFormat, EpisodeRunner, PlainFormat
 
     make_env = load_environment_factory(task.environment, options)
