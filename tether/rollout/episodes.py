@@ -58,9 +58,9 @@ class ChatFormat:
             text = tools_system_text(self.tools)
             self.system_prompt = f"{system_prompt}\n\n{text}" if system_prompt else text
         eos = tokenizer.eos_token
-        base = self._render([{"role": "user", "content": "u"}, {"role": "assistant", "content": _PLACEHOLDER}],
-                            generation_prompt=False)
-        self._close = base[base.index(_PLACEHOLDER) + len(_PLACEHOLDER):]  # e.g. "<|im_end|>\n"
+        self._convo = [{"role": "user", "content": "u"}, {"role": "assistant", "content": _PLACEHOLDER}]
+        self._before = self._render(self._convo, generation_prompt=False)
+        self._close = self._before[self._before.index(_PLACEHOLDER) + len(_PLACEHOLDER):]  # e.g. "<|im_end|>\n"
         self._after_eos = self._close[len(eos):] if eos and self._close.startswith(eos) else None
 
     def _render(self, msgs: list[dict], *, generation_prompt: bool) -> str:
@@ -77,9 +77,8 @@ class ChatFormat:
         return self.tokenizer(self._render(msgs, generation_prompt=True), add_special_tokens=False).input_ids
 
     def env_tokens(self, messages: list[dict], *, turn_ended: bool) -> list[int]:
-        convo = [{"role": "user", "content": "u"}, {"role": "assistant", "content": _PLACEHOLDER}]
-        before = self._render(convo, generation_prompt=False)
-        after = self._render(convo + [dict(m) for m in messages], generation_prompt=True)
+        before = self._before
+        after = self._render(self._convo + [dict(m) for m in messages], generation_prompt=True)
         if not after.startswith(before):
             raise ValueError("the chat template renders an earlier turn differently once more messages follow; "
                              "its environment turns cannot be tokenized as deltas")

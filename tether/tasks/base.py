@@ -36,6 +36,8 @@ class Task:
     name: str = "task"
     # Share of all problems that are held out for evaluation.
     eval_fraction: float = 0.1
+    # The SFT row's field for what `_demonstrate` writes: a completion, or a multi-turn episode.
+    demonstration_key: str = "completion"
 
     # ---- what a subclass implements -------------------------------------------------------------
     def _draw(self, rng: random.Random) -> Any:
@@ -123,7 +125,7 @@ class Task:
         rows = []
         for problem in self._sample_problems("train", n, seed + 1_000_003, distinct=False):
             completion, flawed = self._demonstrate(problem, rng)
-            rows.append({**self._row(problem), "completion": completion, "flawed": flawed})
+            rows.append({**self._row(problem), self.demonstration_key: completion, "flawed": flawed})
         return rows
 
     def reward(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float]:

@@ -20,7 +20,6 @@ assistant turns only (train/sft.py).
 from __future__ import annotations
 
 import math
-import random
 
 from tether.envs.builtin import calc
 from tether.tasks.base import Task, _check_probability
@@ -31,16 +30,9 @@ class EpisodicTask(Task):
     default job uses (env.*, rollout.max_new_tokens); `model_defaults` the tiny model's shape overrides."""
 
     environment: str = ""
+    demonstration_key = "episode"
     env_defaults: dict = {}
     model_defaults: dict = {}
-
-    def demonstrations(self, n: int, seed: int = 0) -> list[dict]:
-        rng = random.Random(f"{self.name}|demos|{seed}")
-        rows = []
-        for problem in self._sample_problems("train", n, seed + 1_000_003, distinct=False):
-            episode, flawed = self._demonstrate(problem, rng)
-            rows.append({**self._row(problem), "episode": episode, "flawed": flawed})
-        return rows
 
     def is_success(self, episode_reward: float) -> bool:
         return episode_reward >= 1.0
