@@ -147,8 +147,10 @@ class AlgorithmConfig:
                                      "seq_mean_token_sum_norm"))
     kl_mode: str = knob("loss", "Where the KL to the reference enters: per-token reward, the loss, or nowhere.",
                         choices=("reward", "loss", "none"))
-    kl_estimator: str = knob("k3", "Sampled KL estimator (k1 log-ratio, k2 half squared, k3 Schulman).",
-                             choices=("k1", "k2", "k3"))
+    kl_estimator: str = knob("k3", "KL estimator: sampled k1 (log-ratio), k2 (half squared), k3 (Schulman), or "
+                                   "full, the exact KL of the next-token distributions at each position (the "
+                                   "reference runs inside each training micro-batch; no variance from the "
+                                   "sampled token).", choices=("k1", "k2", "k3", "full"))
     beta: float = knob(0.04, "KL coefficient (initial value when adaptive).", ge=0)
     kl_target: float | None = knob(None, "Target KL per token; set it to adapt beta (Ziegler et al.).", gt=0)
     kl_horizon: int = knob(10000, "Adaptive beta horizon, in sequences.", ge=1)
@@ -164,6 +166,17 @@ class AlgorithmConfig:
     filter_groups: bool = knob(False, "DAPO dynamic sampling: drop groups whose rewards are all equal and "
                                       "refill from new prompts.")
     max_filter_rounds: int = knob(3, "Extra generation rounds allowed to refill filtered groups.", ge=0)
+    overlong_buffer: int | None = knob(None, "DAPO soft overlong punishment: over the last L_cache tokens of "
+                                             "rollout.max_new_tokens a completion's score falls linearly, to "
+                                             "-overlong_penalty at the budget (None = off; DAPO used L_cache = "
+                                             "L_max / 5).", ge=1)
+    overlong_penalty: float = knob(1.0, "The soft overlong punishment at the budget (DAPO: 1.0).", ge=0)
+    overlong_filter: bool = knob(False, "DAPO overlong filtering: completions cut at rollout.max_new_tokens "
+                                        "carry no loss (they still count in their group's baseline).")
+    entropy_top_fraction: float | None = knob(None, "Only the top fraction rho of the batch's completion tokens "
+                                                    "by pi_old's entropy carry the policy gradient (Wang et al. "
+                                                    "2025: rho = 0.2); KL and entropy terms keep every token. "
+                                                    "None = off.", gt=0, le=1)
     use_critic: bool = knob(False, "Train a value head (needed by the gae estimator).")
     critic: str = knob("separate", "separate: the critic is a second transformer (model.critic_path, default the "
                                    "policy's initial weights) with a value head. shared: a value head on the "
@@ -547,6 +560,17 @@ def validate(cfg: TrainConfig) -> None:
                           "drop rollout.stop_strings")
     if a.eps_high < a.eps_low and a.name == "dapo":
         raise ConfigError("dapo expects algorithm.eps_high >= algorithm.eps_low.")
+    if a.kl_estimator == "full" and (r.top_k > 0 or r.top_p < 1.0):
+        raise ConfigError("algorithm.kl_estimator=full is the KL of the whole softmax; with rollout.top_k / "
+                          "top_p the policy samples from a truncated one: use k1/k2/k3 there (they are exact "
+                          "for the truncated policy)")
+    if a.overlong_buffer is not None and a.overlong_buffer > r.max_new_tokens:
+        raise ConfigError(f"algorithm.overlong_buffer={a.overlong_buffer} is longer than the length budget "
+                          f"rollout.max_new_tokens={r.max_new_tokens}: it must fit inside it (DAPO: a fifth).")
+    if cfg.env.name is not None and (a.overlong_buffer is not None or a.overlong_filter):
+        raise ConfigError("algorithm.overlong_buffer / overlong_filter act on single completions against "
+                          "rollout.max_new_tokens; an episode's budget is env.max_tokens and its cut episodes are "
+                          "flagged (episode/token_limit_frac): drop them with env.name")
 
 
 def validate_for_world(cfg: TrainConfig, world_size: int) -> None:

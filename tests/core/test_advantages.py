@@ -205,3 +205,37 @@ def test_reinforce_pp_advantages_are_token_returns():
     torch.testing.assert_close(half[0], torch.tensor([-0.1 - 0.1 + 0.25, -0.2 + 0.5, 1.0]))
     plain, _ = ADVANTAGES["reinforce_pp"](scores_B=torch.tensor([1.0, 0.0]), response_mask_BT=mask)
     torch.testing.assert_close(plain, torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))
+
+
+def test_overlong_penalty_hand_worked():
+    from tether.core.advantages import overlong_penalty
+
+    # L_max = 10, L_cache = 4: no penalty up to 6 tokens, then -1/4 per token, -1 at the budget and beyond.
+    lengths = torch.tensor([0, 5, 6, 7, 8, 10, 12])
+    got = overlong_penalty(lengths, max_len=10, buffer=4)
+    assert torch.equal(got, torch.tensor([0.0, 0.0, 0.0, -0.25, -0.5, -1.0, -1.0]))
+    assert torch.equal(overlong_penalty(lengths, max_len=10, buffer=4, factor=0.5), got / 2)
+    assert torch.equal(overlong_penalty(torch.tensor([9, 10]), max_len=10, buffer=10),
+                       torch.tensor([-0.9, -1.0]))
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match="overlong buffer"):
+            overlong_penalty(lengths, max_len=10, buffer=bad)
+
+
+def test_high_entropy_token_mask_keeps_the_top_fraction_of_masked_tokens():
+    from tether.core.advantages import high_entropy_token_mask
+
+    ent = torch.tensor([[0.1, 0.9, 0.5, 7.0], [0.3, 0.8, 0.2, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])  # 7 tokens; the 7.0 is padding and never counts
+    # ceil(0.2 * 7) = 2 tokens: 0.9 and 0.8
+    assert torch.equal(high_entropy_token_mask(ent, mask, top_fraction=0.2),
+                       torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]))
+    # ceil(0.5 * 7) = 4: 0.9, 0.8, 0.5, 0.3
+    assert high_entropy_token_mask(ent, mask, top_fraction=0.5).tolist() == [[0, 1, 1, 0], [1, 1, 0, 0]]
+    assert torch.equal(high_entropy_token_mask(ent, mask, top_fraction=1.0), mask.float())
+    # Ties with the last kept value are kept too.
+    tied = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert high_entropy_token_mask(tied, torch.ones(1, 4), top_fraction=0.25).tolist() == [[1, 1, 1, 0]]
+    assert high_entropy_token_mask(ent, torch.zeros(2, 4), top_fraction=0.2).sum() == 0
+    with pytest.raises(ValueError, match="top_fraction"):
+        high_entropy_token_mask(ent, mask, top_fraction=0.0)

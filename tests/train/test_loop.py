@@ -96,6 +96,62 @@ def test_sampler_logprobs_match_trainer_at_temperature(llama):
     assert m["policy/first_minibatch_ratio_dev"] == 0.0
 
 
+@pytest.mark.parametrize("over", [{"rollout.top_p": 0.9}, {"rollout.top_k": 5},
+                                  {"rollout.top_k": 8, "rollout.top_p": 0.8, "rollout.temperature": 0.7}])
+def test_truncated_sampling_gives_ratio_one_and_matching_logprobs(llama, over):
+    """The trainer evaluates the truncated distribution the sampler drew from (core/logprobs.py): the sampler's
+    log-probs agree with the trainer's to float noise, where the full softmax would differ by log S."""
+    m = run(make_trainer(llama, "grpo", **{"rollout.max_new_tokens": 8, **over}), 1)[0]
+    assert m["policy/first_minibatch_ratio_dev"] == 0.0
+    assert m["rollout/logprob_mismatch_max"] < 1e-4, m["rollout/logprob_mismatch_max"]
+
+
+def test_high_entropy_selection_with_every_token_is_the_plain_update(llama):
+    """rho = 1 keeps every token: the same update as without selection; rho = 0.2 changes it."""
+    params = {}
+    for rho in (None, "1.0", "0.2"):
+        t = make_trainer(llama, "grpo", **({} if rho is None else {"algorithm.entropy_top_fraction": rho}))
+        m = t.step().metrics
+        assert math.isfinite(m["loss/total"])
+        params[rho] = [p.detach().clone() for p in t.policy.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(params[None], params["1.0"]))
+    assert any(not torch.equal(a, b) for a, b in zip(params[None], params["0.2"]))
+
+
+def test_overlong_filter_takes_cut_completions_out_of_the_loss(llama):
+    t = make_trainer(llama, "dapo", **{"rollout.max_new_tokens": 3, "algorithm.overlong_filter": "true",
+                                       "algorithm.overlong_buffer": 2})
+    result = t.step()
+    r, m = result.rollout, result.metrics
+    assert r.truncated_B.any() and torch.equal(r.in_loss_B, ~r.truncated_B)
+    assert (r.advantages_BT[r.truncated_B] == 0).all()
+    assert "reward/overlong_penalty/mean" in m and m["reward/overlong_penalty/mean"] < 0
+    assert math.isfinite(m["loss/total"])
+
+
+@pytest.mark.parametrize("algo, over", [("grpo", {"algorithm.beta": 0.5}),
+                                        ("grpo", {"algorithm.beta": 0.5, "model.lora.r": 4, "optim.lr": "3e-2"}),
+                                        ("ppo", {"algorithm.epochs": 1, "algorithm.minibatches": 1})])
+def test_exact_kl_estimator_in_the_loss_and_in_the_reward(llama, algo, over):
+    """kl_estimator=full: in the loss (grpo) the KL term is the exact per-position KL, 0 at the first step
+    (the policy is the reference) and > 0 after updates; in the reward (ppo) the old pass fills it."""
+    t = make_trainer(llama, algo, **{"algorithm.kl_estimator": "full", **over})
+    ms = [t.step() for _ in range(3)]
+    for res in ms:
+        assert all(math.isfinite(v) for k, v in res.metrics.items() if "rate" not in k), res.metrics
+    if algo == "grpo":
+        assert ms[0].metrics["loss/kl"] == 0.0 and ms[-1].metrics["loss/kl"] > 0
+    else:
+        kl = ms[-1].rollout.full_kl_BT
+        mask = ms[-1].rollout.response_mask_BT.bool()
+        assert (kl[mask] >= 0).all() and kl[mask].sum() > 0 and (kl[~mask] == 0).all()
+
+
+def test_exact_kl_estimator_refuses_truncated_sampling(llama):
+    with pytest.raises(ConfigError, match="kl_estimator=full is the KL of the whole softmax"):
+        make_trainer(llama, "grpo", **{"algorithm.kl_estimator": "full", "rollout.top_p": 0.9})
+
+
 def test_completion_mask_covers_tokens_through_eos(llama):
     t = make_trainer(llama, "grpo", **{"rollout.max_new_tokens": 12})
     r = t.step().rollout

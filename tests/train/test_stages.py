@@ -131,3 +131,65 @@ def test_health_stops_after_consecutive_bad_or_unscored_steps_and_flags_a_weight
     again = Health(2, 4.0, 1e-5)
     again.load_state_dict(state)
     assert not again.healthy and again.weight_norms == {"policy": 10.0} and not math.isnan(state["weight_norms"]["policy"])
+
+
+class VariableLengthBackend(FakeBackend):
+    """Completion j of each group has lengths[j] tokens; one at the budget is cut (truncated)."""
+
+    def __init__(self, lengths, budget):
+        super().__init__(lambda p, j: "right" if j == 0 else "wrong")
+        self.lengths, self.budget = lengths, budget
+
+    def generate(self, rows, prompts, group_size):
+        r = super().generate(rows, prompts, group_size)
+        n = torch.tensor([self.lengths[j] for _ in prompts for j in range(group_size)])
+        r.response_mask_BT = (torch.arange(self.budget) < n[:, None]).float()
+        r.attention_mask_BL = torch.cat([torch.ones(len(n), 1), r.response_mask_BT], 1)
+        r.input_ids_BL = torch.ones(len(n), 1 + self.budget, dtype=torch.long)
+        r.sampler_logprobs_BT = torch.zeros(len(n), self.budget)
+        r.truncated_B = n == self.budget
+        return r
+
+
+def test_dapo_overlong_penalty_joins_the_score_before_filtering_and_the_filter_drops_cut_rows_from_the_loss():
+    # Budget 4, buffer 2: lengths 1 and 2 go unpunished, 3 gets -0.5, 4 (cut) the full -1.
+    backend = VariableLengthBackend([3, 1, 4, 2], budget=4)
+    cfg = cfg_for("dapo", **{"rollout.max_new_tokens": 4, "rollout.group_size": 4, "algorithm.overlong_buffer": 2,
+                             "algorithm.overlong_filter": "true"})
+    sampler = PromptSampler([{"prompt": "a"}, {"prompt": "b"}], batch_size=2, seed=0, shuffle=False)
+    rollout, info = collect(cfg, sampler, backend, RewardScorer([exact]), Dist(), pad_token_id=0,
+                            device=torch.device("cpu"))
+    assert rollout.scores_B.tolist() == [0.5, 0.0, -1.0, 0.0] * 2 and info.filtered_groups == 0
+    assert rollout.reward_stats["reward/overlong_penalty/mean"] == pytest.approx(-1.5 / 4)
+    assert rollout.reward_stats["reward/exact/mean"] == pytest.approx(0.25)
+    assert rollout.in_loss_B.tolist() == [True, True, False, True] * 2
+    assert rollout.loss_mask_BT.sum().item() == 2 * (3 + 1 + 2)
+    assert rollout.completion_lengths_B.tolist() == [3, 1, 4, 2] * 2  # the cut rows still count as sampled
+
+    # Only a penalty tells the group apart: without it every score is 0 and dynamic sampling drops the group.
+    flat = VariableLengthBackend([3, 1, 4, 2], budget=4)
+    flat.completion = lambda p, j: "wrong"
+    kept, info = collect(cfg, PromptSampler([{"prompt": "a"}, {"prompt": "b"}], batch_size=2, seed=0), flat,
+                         RewardScorer([exact]), Dist(), pad_token_id=0, device=torch.device("cpu"))
+    assert info.filtered_groups == 0 and kept.scores_B.tolist() == [-0.5, 0.0, -1.0, 0.0] * 2
+
+
+def test_overlong_options_are_checked_against_the_budget():
+    from tether.config import ConfigError
+
+    with pytest.raises(ConfigError, match="overlong_buffer=9 is longer than the length budget"):
+        cfg_for("dapo", **{"rollout.max_new_tokens": 8, "algorithm.overlong_buffer": 9})
+    with pytest.raises(ConfigError, match="an episode's budget is env.max_tokens"):
+        cfg_for("grpo", **{"env.name": "calculator", "algorithm.overlong_filter": "true"})
+
+
+def test_high_entropy_selection_zeroes_the_advantages_of_low_entropy_tokens():
+    r = FakeBackend(lambda p, j: "right" if j == 0 else "wrong").generate(
+        [{"prompt": "a"}], ["a"], 2)
+    r.scores_B, r.valid_B = torch.tensor([1.0, 0.0]), torch.tensor([True, True])
+    r.old_entropy_BT = torch.tensor([[0.1, 2.0], [0.5, 0.3]])
+    cfg = cfg_for("grpo", **{"rollout.prompts_per_step": 1, "algorithm.entropy_top_fraction": 0.5,
+                             "algorithm.beta": 0.0})
+    compute_advantages(r, cfg, Dist(), beta=0.0, uses_reference=False, old_logprobs_BT=None)
+    a = 0.5 / math.sqrt(0.5)  # (1 - 0.5) / std([1, 0]) with the unbiased std
+    torch.testing.assert_close(r.advantages_BT, torch.tensor([[0.0, a], [-a, 0.0]]), rtol=1e-5, atol=1e-6)

@@ -7,6 +7,8 @@ hold nan/inf) and come out as 0.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -20,6 +22,8 @@ __all__ = [
     "outcome_advantages",
     "gae",
     "kl_shaped_token_rewards",
+    "overlong_penalty",
+    "high_entropy_token_mask",
     "ADVANTAGES",
     "BASELINES",
     "STD_SCALES",
@@ -189,6 +193,42 @@ def kl_shaped_token_rewards(scores_B: Tensor, kl_BT: Tensor, response_mask_BT: T
     last_B = torch.where(mask_BT, pos_BT, -1).amax(dim=1)  # -1 for rows with no completion token
     score_B = torch.where(last_B >= 0, scores_B.detach().float(), 0.0)
     return rewards_BT.scatter_add(1, last_B.clamp(min=0)[:, None], score_B[:, None])
+
+
+def overlong_penalty(lengths_B: Tensor, *, max_len: int, buffer: int, factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the score of each completion:
+
+        R_len(|y|) = 0                                  if |y| <= L_max - L_cache
+                   = ((L_max - L_cache) - |y|) / L_cache  if L_max - L_cache < |y| <= L_max
+                   = -1                                 if |y| > L_max
+
+    times `factor`, with L_max = max_len and L_cache = buffer. A completion cut at the budget (|y| = L_max)
+    gets the full -factor. verl's DAPO reward manager computes the same, min(-(|y| - (L_max - L_cache)) /
+    L_cache * factor, 0).
+    """
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"overlong buffer must be in (0, max_len={max_len}], got {buffer}")
+    exceed_B = lengths_B.detach().float() - (max_len - buffer)
+    return factor * (-exceed_B / buffer).clamp(min=-1.0, max=0.0)
+
+
+def high_entropy_token_mask(entropy_BT: Tensor, response_mask_BT: Tensor, *, top_fraction: float) -> Tensor:
+    """1.0 on the ceil(rho * n) highest-entropy tokens among the n masked ones (rho = top_fraction; every
+    token tied with the last one kept too), 0.0 elsewhere: the "forking" tokens that carry the policy gradient
+    in Wang et al. 2025 ("Beyond the 80/20 rule", rho = 0.2).
+
+    Ranked over the whole batch given, with pi_old's entropies, so the selection does not depend on how the
+    update splits the batch into micro-batches (the paper ranks within each update micro-batch).
+    """
+    if not 0 < top_fraction <= 1:
+        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+    mask_BT = response_mask_BT.bool()
+    values = entropy_BT.detach()[mask_BT]
+    if values.numel() == 0:
+        return torch.zeros_like(entropy_BT, dtype=torch.float32)
+    k = max(1, math.ceil(top_fraction * values.numel()))
+    threshold = torch.topk(values, k).values[-1]
+    return ((entropy_BT.detach() >= threshold) & mask_BT).float()
 
 
 # ---------------------------------------------------------------------------------------------------------

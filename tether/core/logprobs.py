@@ -19,6 +19,15 @@ per-row [M] tensors, and recomputes the softmax chunk by chunk in backward from
     d KL / dz_j         = p_j ((log p_j - log q_j) - KL)
     d z / d logits      = 1 / temperature
 
+Truncated sampling (top_k > 0 or top_p < 1): a sampler that keeps the set K(z) of the most probable tokens
+draws from p restricted to K and renormalised, p_K = softmax(z masked to K). Its log-probs differ from the
+full softmax's by log S, S = sum_{j in K} p_j the kept mass, and so would every ratio and KL estimate that
+mixes the two. Given top_k / top_p, these functions evaluate p_K itself: K is recomputed from z exactly as
+transformers' TopKLogitsWarper and TopPLogitsWarper choose it (so at theta_old it is the sampler's set and the
+first ratio is exactly 1), logits outside K are -inf, and the gradient flows through the kept logits only
+(K is piecewise constant in z). The sampled token is always kept: after an update it may have left K, where
+p_K would give log 0; keeping it gives the finite log-prob of K plus that token instead.
+
 The math is float32 even for bf16/fp16 logits (float64 stays float64, which is what gradcheck uses).
 Positions where `mask_BT` is 0 are never computed: their outputs are 0 and their logit gradients are 0.
 (Finding the valid rows is a nonzero(), i.e. one host sync per call; without a mask there is none.)
@@ -32,7 +41,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["token_logprobs", "entropy_from_logits", "logprobs_and_entropy", "full_kl_from_logits"]
+__all__ = ["token_logprobs", "entropy_from_logits", "logprobs_and_entropy", "full_kl_from_logits", "truncation_keep"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -79,6 +88,35 @@ def _load(logits_BTV: Tensor, b: Tensor, t: Tensor, temperature: float, dtype: t
     if temperature != 1.0:
         z.div_(temperature)
     return z
+
+
+def truncation_keep(z: Tensor, *, top_k: int = 0, top_p: float = 1.0) -> Tensor | None:
+    """The tokens a top-k then top-p sampler may draw from z = logits / T [..., V] (bool, same shape), or
+    None when neither truncates. As transformers' warpers: top-k keeps every token tied with the k-th value;
+    top-p, on what top-k left, drops the least probable tokens whose cumulative probability is <= 1 - top_p
+    and always keeps the most probable one."""
+    keep = None
+    if 0 < top_k < z.shape[-1]:
+        keep = z >= torch.topk(z, top_k, dim=-1).values[..., -1:]
+    if top_p < 1.0:
+        s = z if keep is None else z.masked_fill(~keep, float("-inf"))
+        sorted_z, order = torch.sort(s, descending=False)
+        drop_sorted = sorted_z.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        drop_sorted[..., -1:] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        keep = ~drop if keep is None else keep & ~drop
+    return keep
+
+
+def _truncate_(z: Tensor, tok: Tensor | None, top_k: int, top_p: float) -> Tensor | None:
+    """Mask z [C, V] in place to the sampler's kept set plus the sampled tokens; returns that set (None: no
+    truncation)."""
+    keep = truncation_keep(z, top_k=top_k, top_p=top_p)
+    if keep is not None:
+        if tok is not None:
+            keep.scatter_(1, tok[:, None], True)
+        z.masked_fill_(~keep, float("-inf"))
+    return keep
 
 
 def _log_softmax_(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -150,7 +188,7 @@ def _logp_entropy_grad_chunk(
 
 class _LogprobsEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_BTV, tokens_BT, mask_BT, temperature, chunk_size, with_entropy):
+    def forward(ctx, logits_BTV, tokens_BT, mask_BT, temperature, chunk_size, with_entropy, top_k, top_p):
         B, T, _ = logits_BTV.shape
         dtype = _compute_dtype(logits_BTV)
         b_M, t_M = _rows(B, T, mask_BT, logits_BTV.device)
@@ -162,6 +200,7 @@ class _LogprobsEntropy(torch.autograd.Function):
         for sl in _chunks(M, chunk_size):
             z = _load(logits_BTV, b_M[sl], t_M[sl], temperature, dtype)
             tok = None if tok_M is None else tok_M[sl]
+            _truncate_(z, tok, top_k, top_p)
             lse_M[sl], logp_tok, entropy = _logp_entropy_chunk(z, tok, with_entropy)
             del z  # its storage now holds log p; drop it before the next chunk is loaded
             if logp_tok is not None:
@@ -169,7 +208,7 @@ class _LogprobsEntropy(torch.autograd.Function):
             if entropy is not None:
                 ent_M[sl] = entropy
         ctx.save_for_backward(logits_BTV, tok_M, b_M, t_M, lse_M, ent_M if with_entropy else None)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.chunk_size, ctx.top_k, ctx.top_p = temperature, chunk_size, top_k, top_p
         ctx.set_materialize_grads(False)
         return _scatter_rows(logp_M, b_M, t_M, B, T), _scatter_rows(ent_M, b_M, t_M, B, T)
 
@@ -184,20 +223,25 @@ class _LogprobsEntropy(torch.autograd.Function):
         g_lp_M = None if g_logp_BT is None or tok_M is None else rows(g_logp_BT)
         g_H_M = None if g_ent_BT is None or ent_M is None else rows(g_ent_BT)
         if g_lp_M is None and g_H_M is None:
-            return None, None, None, None, None, None
+            return (None,) * 8
         grad_BTV = torch.zeros_like(logits_BTV)  # masked rows keep exactly zero gradient
         for sl in _chunks(b_M.numel(), ctx.chunk_size):
             z = _load(logits_BTV, b_M[sl], t_M[sl], ctx.temperature, lse_M.dtype)
-            grad_BTV[b_M[sl], t_M[sl]] = _logp_entropy_grad_chunk(
+            tok = None if tok_M is None else tok_M[sl]
+            keep = _truncate_(z, tok, ctx.top_k, ctx.top_p)
+            grad = _logp_entropy_grad_chunk(
                 z,
-                None if tok_M is None else tok_M[sl],
+                tok,
                 lse_M[sl],
                 None if ent_M is None else ent_M[sl],
                 None if g_lp_M is None else g_lp_M[sl],
                 None if g_H_M is None else g_H_M[sl],
-            ).to(grad_BTV.dtype)
+            )
+            if keep is not None:  # p_j = 0 outside the kept set (where 0 * inf may have left nan)
+                grad = torch.where(keep, grad, 0.0)
+            grad_BTV[b_M[sl], t_M[sl]] = grad.to(grad_BTV.dtype)
             del z
-        return grad_BTV, None, None, None, None, None
+        return grad_BTV, None, None, None, None, None, None, None
 
 
 def logprobs_and_entropy(
@@ -208,15 +252,19 @@ def logprobs_and_entropy(
     mask_BT: Tensor | None = None,
     chunk_size: int = 1024,
     with_entropy: bool = True,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> tuple[Tensor, Tensor | None]:
     """(log softmax(logits/T)[tokens], entropy of softmax(logits/T)) per position, in one pass.
 
     logits_BTV[b, t] must be the logits that predict tokens_BT[b, t] (shift before calling).
     Returns float32 [B, T] tensors (float64 for float64 logits), 0 where mask_BT is 0; entropy is None
-    when with_entropy=False.
+    when with_entropy=False. With top_k > 0 or top_p < 1, both are of the truncated distribution the
+    sampler drew from (see the module docstring).
     """
     _check(logits_BTV, tokens_BT, mask_BT, temperature, chunk_size)
-    logp_BT, ent_BT = _LogprobsEntropy.apply(logits_BTV, tokens_BT, mask_BT, temperature, chunk_size, with_entropy)
+    logp_BT, ent_BT = _LogprobsEntropy.apply(logits_BTV, tokens_BT, mask_BT, temperature, chunk_size, with_entropy,
+                                             top_k, top_p)
     return logp_BT, (ent_BT if with_entropy else None)
 
 
@@ -227,10 +275,14 @@ def token_logprobs(
     temperature: float = 1.0,
     mask_BT: Tensor | None = None,
     chunk_size: int = 1024,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> Tensor:
-    """log softmax(logits_BTV / temperature)[tokens_BT] -> [B, T] float32, 0 where mask_BT is 0."""
+    """log softmax(logits_BTV / temperature)[tokens_BT] -> [B, T] float32, 0 where mask_BT is 0 (of the
+    truncated distribution with top_k / top_p, as `logprobs_and_entropy`)."""
     return logprobs_and_entropy(
-        logits_BTV, tokens_BT, temperature=temperature, mask_BT=mask_BT, chunk_size=chunk_size, with_entropy=False
+        logits_BTV, tokens_BT, temperature=temperature, mask_BT=mask_BT, chunk_size=chunk_size, with_entropy=False,
+        top_k=top_k, top_p=top_p,
     )[0]
 
 
@@ -243,7 +295,7 @@ def entropy_from_logits(
 ) -> Tensor:
     """H = -sum_j p_j log p_j of the full next-token distribution p = softmax(logits/T) -> [B, T]."""
     _check(logits_BTV, None, mask_BT, temperature, chunk_size)
-    return _LogprobsEntropy.apply(logits_BTV, None, mask_BT, temperature, chunk_size, True)[1]
+    return _LogprobsEntropy.apply(logits_BTV, None, mask_BT, temperature, chunk_size, True, 0, 1.0)[1]
 
 
 # ---------------------------------------------------------------------------------------------------------

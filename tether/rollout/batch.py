@@ -41,7 +41,10 @@ class Rollout:
     valid_B: torch.Tensor | None = None
     reward_stats: dict = field(default_factory=dict)
     scored_rows: int = 0  # how many rows `reward_stats` describe (the round as scored, before any filtering)
+    in_loss_B: torch.Tensor | None = None  # bool: rows whose tokens enter the loss (None: all); overlong filter
     old_logprobs_BT: torch.Tensor | None = None
+    old_entropy_BT: torch.Tensor | None = None  # entropy of pi_old, for high-entropy token selection
+    full_kl_BT: torch.Tensor | None = None      # exact KL(pi_old || pi_ref) per position (kl_estimator=full)
     ref_logprobs_BT: torch.Tensor | None = None
     old_values_BT: torch.Tensor | None = None
     advantages_BT: torch.Tensor | None = None
@@ -50,6 +53,13 @@ class Rollout:
     @property
     def completion_ids_BT(self) -> torch.Tensor:
         return self.input_ids_BL[:, self.prompt_len:]
+
+    @property
+    def loss_mask_BT(self) -> torch.Tensor:
+        """The completion tokens that carry loss: the model's tokens of the rows in the loss."""
+        if self.in_loss_B is None:
+            return self.response_mask_BT
+        return self.response_mask_BT * self.in_loss_B.to(self.response_mask_BT.dtype).unsqueeze(-1)
 
     @property
     def completion_lengths_B(self) -> torch.Tensor:

@@ -358,7 +358,8 @@ class HFGenerateBackend:
         if self.stop_strings:
             truncated = truncated & (generated_len >= T)
         completion = torch.where(mask.bool(), completion, torch.full_like(completion, self.tokenizer.pad_token_id))
-        return completion, sampler_lp * mask, mask, truncated
+        # where, not a product: after EOS generate pads with a token that top-k / top-p may have cut (log 0).
+        return completion, torch.where(mask.bool(), sampler_lp, 0.0), mask, truncated
 
     def _generate_chunk(self, prompts: list[str], rows: list[dict], group_size: int) -> Rollout:
         device = next(self.policy.parameters()).device

@@ -6,7 +6,13 @@ from __future__ import annotations
 import torch
 
 from tether.config import TrainConfig
-from tether.core.advantages import ADVANTAGES, TOKEN_REWARD_ESTIMATORS, kl_shaped_token_rewards, masked_whiten
+from tether.core.advantages import (
+    ADVANTAGES,
+    TOKEN_REWARD_ESTIMATORS,
+    high_entropy_token_mask,
+    kl_shaped_token_rewards,
+    masked_whiten,
+)
 from tether.core.kl import KL_ESTIMATORS
 from tether.rollout.batch import Rollout
 from tether.train.distributed import Dist
@@ -37,9 +43,13 @@ def compute_advantages(rollout: Rollout, cfg: TrainConfig, dist: Dist, *, beta: 
     last token; for outcome estimators the sequence score is the score minus beta * sum_t kl_t. In an episode
     the per-token estimators get each environment reward on the last token of its turn instead (the score is
     their sum plus the reward functions'); outcome estimators see the episode's whole score.
+
+    With algorithm.entropy_top_fraction, the advantages of all but the top fraction of tokens by pi_old's
+    entropy are set to 0 (after any whitening): those tokens carry no policy gradient, and still count in the
+    loss's denominators and in the KL and entropy terms.
     """
     a = cfg.algorithm
-    mask = rollout.response_mask_BT
+    mask = rollout.loss_mask_BT
     valid = rollout.valid_B
     scores = torch.where(valid, rollout.scores_B, torch.zeros_like(rollout.scores_B))
     token_rewards = None
@@ -48,7 +58,8 @@ def compute_advantages(rollout: Rollout, cfg: TrainConfig, dist: Dist, *, beta: 
         kl_k1 = KL_ESTIMATORS["k1"](old_logprobs_BT, rollout.ref_logprobs_BT) * mask
         measured_kl = global_masked_mean(kl_k1, mask, dist)
     if a.kl_mode == "reward" and uses_reference:
-        kl_BT = KL_ESTIMATORS[a.kl_estimator](old_logprobs_BT, rollout.ref_logprobs_BT) * mask
+        kl_BT = (rollout.full_kl_BT if a.kl_estimator == "full" else
+                 KL_ESTIMATORS[a.kl_estimator](old_logprobs_BT, rollout.ref_logprobs_BT)) * mask
         if a.advantage in TOKEN_REWARD_ESTIMATORS:
             token_rewards = kl_shaped_token_rewards(scores, kl_BT, mask, beta=beta)
         else:
@@ -76,5 +87,8 @@ def compute_advantages(rollout: Rollout, cfg: TrainConfig, dist: Dist, *, beta: 
     if a.whiten_advantages:
         adv = global_whiten(adv, mask * valid.unsqueeze(-1), dist)
     rollout.advantages_BT = adv * mask * valid.unsqueeze(-1)
+    if a.entropy_top_fraction is not None:
+        rollout.advantages_BT = rollout.advantages_BT * high_entropy_token_mask(
+            rollout.old_entropy_BT, mask, top_fraction=a.entropy_top_fraction)
     rollout.returns_BT = returns
     return measured_kl

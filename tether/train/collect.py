@@ -1,5 +1,7 @@
 """Stage 1 of a step, collect: draw prompts, sample G completions of each, score them; with dynamic sampling
-(DAPO, Yu et al. 2025) drop the groups whose rewards are all equal and refill from further prompts."""
+(DAPO, Yu et al. 2025) drop the groups whose rewards are all equal and refill from further prompts. DAPO's
+overlong handling is here too: the soft punishment joins the score before groups are filtered, and the
+overlong filter takes cut completions out of the loss."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Callable
 import torch
 
 from tether.config import TrainConfig
+from tether.core.advantages import overlong_penalty
 from tether.rollout.batch import Rollout
 from tether.rollout.episodes import EPISODE_COLUMNS, EpisodeRunner, episodes_to_rollout
 from tether.rollout.prompts import messages
@@ -62,6 +65,22 @@ def score(rollout: Rollout, reward: Callable | None, device: torch.device, *, co
     rollout.scored_rows = len(rollout)
 
 
+def add_overlong_penalty(rollout: Rollout, *, max_len: int, buffer: int, factor: float) -> None:
+    """Add DAPO's soft overlong punishment (core.advantages.overlong_penalty) to the scored rows' scores, and
+    log it as a reward term, reward/overlong_penalty/*."""
+    pen_B = overlong_penalty(rollout.completion_lengths_B, max_len=max_len, buffer=buffer,
+                             factor=factor).to(rollout.scores_B.device)
+    rollout.scores_B = torch.where(rollout.valid_B, rollout.scores_B + pen_B, rollout.scores_B)
+    scored = pen_B[rollout.valid_B.to(pen_B.device)]
+    key = "reward/overlong_penalty"
+    rollout.reward_stats.update({
+        f"{key}/mean": scored.mean().item() if len(scored) else float("nan"),
+        f"{key}/std": scored.std(unbiased=False).item() if len(scored) else float("nan"),
+        f"{key}/failure_rate": 0.0,
+        f"{key}/none_rate": 1.0 - len(scored) / max(len(rollout), 1),
+    })
+
+
 def filter_uniform_groups(rollout: Rollout) -> tuple[Rollout, int]:
     """The groups whose valid scores are not all equal (they carry a learning signal under a group baseline),
     and how many groups were dropped."""
@@ -93,6 +112,9 @@ def collect(cfg: TrainConfig, sampler, backend, reward: Callable | None, dist: D
         info.seconds["generate"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         score(rollout, reward, device, conversation=cfg.reward.conversation, system_prompt=cfg.model.system_prompt)
+        if a.overlong_buffer is not None:
+            add_overlong_penalty(rollout, max_len=r.max_new_tokens, buffer=a.overlong_buffer,
+                                 factor=a.overlong_penalty)
         info.seconds["score"] += time.perf_counter() - t0
         if a.filter_groups:
             rollout, dropped = filter_uniform_groups(rollout)
@@ -107,6 +129,8 @@ def collect(cfg: TrainConfig, sampler, backend, reward: Callable | None, dist: D
     if len(rollout) == 0:
         raise TrainingError("every group had identical rewards after all refill rounds "
                             "(algorithm.filter_groups): nothing to learn from; check the reward")
+    if a.overlong_filter:
+        rollout.in_loss_B = ~rollout.truncated_B
     return rollout, info
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tether.core.logprobs import logprobs_and_entropy
+from tether.core.logprobs import full_kl_from_logits, logprobs_and_entropy, token_logprobs
 from tether.rollout.batch import Rollout, position_ids
 from tether.rollout.shared_prompts import CACHE_KWARG, distinct_prompts
 
@@ -38,7 +39,7 @@ def make_micro_batch(rollout: Rollout, index: torch.Tensor) -> MicroBatch:
     P = rollout.prompt_len
     ids = rollout.input_ids_BL[index]
     am = rollout.attention_mask_BL[index]
-    rmask = rollout.response_mask_BT[index]
+    rmask = rollout.loss_mask_BT[index]  # the completion tokens that enter the loss
     # Trim padding both sides: fewer positions means fewer FLOPs and a smaller [b, t, V] logits tensor. The
     # completion block is attended contiguously from P (an episode's environment turns included).
     t = max(int(am[:, P:].sum(-1).max().item()), 1)
@@ -114,9 +115,9 @@ def policy_logprobs(model: nn.Module, mb: MicroBatch, *, temperature: float, wit
     completion token t, and the final position predicts nothing, so it is dropped. `share_prompts`: see
     `completion_forward`.
     """
-    lp, ent, _ = policy_logprobs_and_values(model, None, mb, temperature=temperature, with_entropy=with_entropy,
-                                            autocast_dtype=autocast_dtype, share_prompts=share_prompts)
-    return lp, ent
+    out = policy_logprobs_and_values(model, None, mb, temperature=temperature, with_entropy=with_entropy,
+                                     autocast_dtype=autocast_dtype, share_prompts=share_prompts)
+    return out.logprobs, out.entropy
 
 
 def completion_forward(model: nn.Module, mb: MicroBatch, *, with_hidden: bool, share_prompts: bool
@@ -150,12 +151,27 @@ def completion_forward(model: nn.Module, mb: MicroBatch, *, with_hidden: bool, s
     return logits, hidden
 
 
+class PolicyPass(NamedTuple):
+    """What one policy forward over a micro-batch gives, each [b, t] on its completion tokens."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+    values: torch.Tensor | None         # V(s_t) from a value head on the policy's trunk
+    full_kl: torch.Tensor | None        # KL(pi(.|s_t) || pi_ref(.|s_t)) over the whole vocabulary
+    ref_logprobs: torch.Tensor | None   # log pi_ref(o_t), from the same reference forward
+
+
 def policy_logprobs_and_values(model: nn.Module, value_head: nn.Module | None, mb: MicroBatch, *,
                                temperature: float, with_entropy: bool, autocast_dtype: torch.dtype | None = None,
-                               share_prompts: bool = False
-                               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                               share_prompts: bool = False, top_k: int = 0, top_p: float = 1.0,
+                               reference=None) -> PolicyPass:
     """`policy_logprobs`, plus V(s_t) from a value head on the same forward's last hidden states (a critic
-    that shares the policy's trunk) when `value_head` is given."""
+    that shares the policy's trunk) when `value_head` is given. With top_k / top_p, the log-probs and entropy
+    are those of the truncated distribution a top-k / top-p sampler draws from (core/logprobs.py).
+
+    With `reference` (a models.ReferencePolicy), the frozen reference runs on the same micro-batch without
+    gradients, and the exact per-position KL(pi || pi_ref) comes back with gradients to the policy's logits:
+    the reference's [b, t, V] logits live only as long as this micro-batch."""
     device = mb.input_ids.device
     with autocast_context(model, device, autocast_dtype):
         logits, hidden = completion_forward(model, mb, with_hidden=value_head is not None,
@@ -164,8 +180,17 @@ def policy_logprobs_and_values(model: nn.Module, value_head: nn.Module | None, m
         if value_head is not None:
             values = value_head(hidden[:, :mb.width]).float() * mb.response_mask
     lp, ent = logprobs_and_entropy(logits[:, :-1], mb.completion_ids, temperature=temperature,
-                                   mask_BT=mb.response_mask, with_entropy=with_entropy)
-    return lp, ent, values
+                                   mask_BT=mb.response_mask, with_entropy=with_entropy, top_k=top_k, top_p=top_p)
+    full_kl = ref_lp = None
+    if reference is not None:
+        with torch.no_grad(), reference.active() as ref_model, autocast_context(ref_model, device, autocast_dtype):
+            ref_logits, _ = completion_forward(ref_model, mb, with_hidden=False, share_prompts=share_prompts)
+        full_kl = full_kl_from_logits(logits[:, :-1], ref_logits[:, :-1], temperature=temperature,
+                                      mask_BT=mb.response_mask)
+        ref_lp = token_logprobs(ref_logits[:, :-1], mb.completion_ids, temperature=temperature,
+                                mask_BT=mb.response_mask)
+        del ref_logits
+    return PolicyPass(lp, ent, values, full_kl, ref_lp)
 
 
 def critic_values(critic: nn.Module, mb: MicroBatch, *, autocast_dtype: torch.dtype | None = None

@@ -35,8 +35,11 @@ def micro_batches(rollout: Rollout, rows: torch.Tensor, cfg: TrainConfig, dist: 
 
 
 def sampler_is_exact(cfg: TrainConfig, backend) -> bool:
-    """The sampler drew from softmax(logits / T) of the trained policy's own forward (no top-k / top-p
-    truncation, not a copy in another precision), so its log-probs are pi_old's."""
+    """The sampler drew from softmax(logits / T) of the trained policy's own forward (not a copy in another
+    precision), so its log-probs are pi_old's. Under top-k / top-p the trainer evaluates the same truncated
+    distribution, but a token at the edge of the kept set may fall on either side of it between the
+    sampler's cached decode and the trainer's forward (logits equal up to float order): pi_old gets its
+    own pass there, so that the first minibatch's ratio is exactly 1."""
     r = cfg.rollout
     return (r.top_k == 0 and r.top_p >= 1.0 and r.backend == "hf"
             and not getattr(backend, "samples_from_copy", False))
@@ -44,10 +47,17 @@ def sampler_is_exact(cfg: TrainConfig, backend) -> bool:
 
 def needs_old_pass(cfg: TrainConfig, run: RunModels, exact_sampler: bool) -> bool:
     """pi_old needs its own pass unless the first minibatch's forward can stand for it: more than one update
-    per step, a shared critic (whose old values come with it), or KL in the reward from an inexact sampler."""
+    per step, a shared critic (whose old values come with it), KL in the reward from an inexact sampler or
+    over the full vocabulary (pi_old's logits meet the reference's there), or high-entropy token selection
+    (it ranks pi_old's entropies before the update)."""
     a = cfg.algorithm
-    return run.shared_critic or a.epochs * a.minibatches > 1 or (
-        a.kl_mode == "reward" and uses_reference(cfg) and not exact_sampler)
+    return (run.shared_critic or a.epochs * a.minibatches > 1 or a.entropy_top_fraction is not None
+            or full_kl_in_reward(cfg) or (a.kl_mode == "reward" and uses_reference(cfg) and not exact_sampler))
+
+
+def full_kl_in_reward(cfg: TrainConfig) -> bool:
+    a = cfg.algorithm
+    return a.kl_estimator == "full" and a.kl_mode == "reward" and uses_reference(cfg)
 
 
 def log_mismatch(acc: StatAccumulator, trainer_lp: torch.Tensor, sampler_lp: torch.Tensor | None,
@@ -76,14 +86,25 @@ def no_grad_passes(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatA
         make_micro_batch(rollout, rows) for rows in first_epoch_order.split(no_grad_size)]
     if needs_old_pass(cfg, run, exact_sampler):
         rollout.old_logprobs_BT = torch.zeros(B, T, device=device)
+        want_entropy = a.entropy_top_fraction is not None
+        if want_entropy:
+            rollout.old_entropy_BT = torch.zeros(B, T, device=device)
+        want_full_kl = full_kl_in_reward(cfg)
+        if want_full_kl:  # the reward's exact KL(pi_old || pi_ref) per position, from the same forward
+            rollout.full_kl_BT = torch.zeros(B, T, device=device)
         if run.shared_critic:
             rollout.old_values_BT = torch.zeros(B, T, device=device)
         policy = run.policy if run.compiled_policy is None else run.compiled_policy
         for mb in micro:
-            lp, _, values = policy_logprobs_and_values(
+            lp, ent, values, full_kl, _ = policy_logprobs_and_values(
                 policy, run.critic if run.shared_critic else None, mb, temperature=r.temperature,
-                with_entropy=False, autocast_dtype=run.autocast_dtype, share_prompts=run.share_prompts)
+                with_entropy=want_entropy, autocast_dtype=run.autocast_dtype, share_prompts=run.share_prompts,
+                top_k=r.top_k, top_p=r.top_p, reference=run.reference if want_full_kl else None)
             scatter_rows(rollout.old_logprobs_BT, mb, lp)
+            if ent is not None:
+                scatter_rows(rollout.old_entropy_BT, mb, ent)
+            if full_kl is not None:
+                scatter_rows(rollout.full_kl_BT, mb, full_kl)
             if values is not None:
                 scatter_rows(rollout.old_values_BT, mb, values)
             log_mismatch(acc, lp, gather_rows(rollout.sampler_logprobs_BT, mb)

@@ -63,6 +63,7 @@ def update(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatAccumulat
     loss_fn = POLICY_LOSSES[a.policy_loss]
     world = dist.world_size
     epochs_done, updates, skipped, stopped_early, bad_cause = 0, 0, 0, False, None
+    kl_full_in_loss = a.kl_mode == "loss" and a.kl_estimator == "full" and uses_reference(cfg)
     first_minibatch = True
     for epoch in range(a.epochs):
         order = first_epoch_order if epoch == 0 else order_for_epoch(epoch)
@@ -70,15 +71,16 @@ def update(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatAccumulat
             # Denominators of the whole minibatch over all ranks: micro-batches and ranks then add up to exactly
             # the full-minibatch loss (DDP averages gradients, hence the factor `world`).
             counts = dist.sum(torch.stack([torch.tensor(float(len(mb_rows))),
-                                           rollout.response_mask_BT[mb_rows].sum().cpu()]))
+                                           rollout.loss_mask_BT[mb_rows].sum().cpu()]))
             n_seq, n_tok = counts[0].item(), counts[1].item()
             mb_loss_stats: dict[str, torch.Tensor] = {}
             approx_kl_sum = torch.zeros(())
             for mb in micro_batches(rollout, mb_rows, cfg, dist):
-                lp, ent, shared_values = policy_logprobs_and_values(
+                lp, ent, shared_values, full_kl, _ = policy_logprobs_and_values(
                     run.policy_module, run.critic_module if run.shared_critic else None, mb,
                     temperature=r.temperature, with_entropy=True, autocast_dtype=run.autocast_dtype,
-                    share_prompts=run.share_prompts)  # entropy is always logged; it comes from the same pass
+                    share_prompts=run.share_prompts, top_k=r.top_k, top_p=r.top_p,
+                    reference=run.reference if kl_full_in_loss else None)  # entropy is always logged; it comes from the same pass
                 mask = mb.response_mask
                 old = gather_rows(rollout.old_logprobs_BT, mb) if rollout.old_logprobs_BT is not None else lp.detach()
                 adv = gather_rows(rollout.advantages_BT, mb)
@@ -89,7 +91,9 @@ def update(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatAccumulat
                 pl_BT, pstats = loss_fn(lp, old, adv, mask, eps_low=a.eps_low, eps_high=a.eps_high,
                                         dual_clip=a.dual_clip, tau_pos=a.tau_pos, tau_neg=a.tau_neg)
                 kl_BT = None
-                if a.kl_mode == "loss" and uses_reference(cfg):
+                if kl_full_in_loss:  # the exact per-position KL, whose gradient is grad KL(pi || pi_ref)
+                    kl_BT = full_kl
+                elif a.kl_mode == "loss" and uses_reference(cfg):
                     kl_BT = KL_ESTIMATORS[a.kl_estimator](lp, gather_rows(rollout.ref_logprobs_BT, mb))
                 loss, lstats = composite_loss(
                     policy_loss_BT=pl_BT, response_mask_BT=mask, aggregation=a.aggregation, entropy_BT=ent,
