@@ -107,6 +107,20 @@ PRESETS: dict[str, dict] = {
             "epochs": 1, "minibatches": 2,
         },
     },
+    # On-policy distillation (Agarwal et al. 2024; Lu & Thinking Machines 2025): the teacher (model.teacher_path)
+    # scores each sampled token, reward -(log pi - log pi_teacher), and each token's advantage is its own
+    # reward (gamma 0, as the Thinking Machines recipe), batch-normalised. Reward functions add their score at
+    # the last token; with them set algorithm.gamma=1 so that it reaches every token (each advantage is then
+    # the reverse KL still to come plus the score). algorithm.distill_estimator=full puts the exact
+    # KL(pi || pi_teacher) in the loss instead.
+    "opd": {
+        "algorithm": {
+            "advantage": "reinforce_pp", "use_critic": False, "std_scale": "none", "whiten_advantages": True,
+            "policy_loss": "clipped", "eps_low": 0.2, "eps_high": 0.2, "aggregation": "token_mean",
+            "kl_mode": "none", "beta": 0.0, "kl_target": None, "gamma": 0.0, "distill_coef": 1.0,
+            "epochs": 1, "minibatches": 1,
+        },
+    },
     # Plain REINFORCE with a batch-mean baseline, one on-policy update per batch.
     "reinforce": {
         "algorithm": {

@@ -51,6 +51,10 @@ class ModelConfig:
                                   "built-in task: the built-in tiny model is built and SFT-trained first.")
     ref_path: str | None = knob(None, "Reference policy path; default: a frozen copy of the initial policy.")
     critic_path: str | None = knob(None, "Critic backbone path; default: the policy's initial weights.")
+    teacher_path: str | None = knob(None, "On-policy distillation: a teacher causal LM with the policy's tokenizer "
+                                          "(path, hub name, .gguf or builtin:NAME) that scores every sampled "
+                                          "token; its per-token reward is -algorithm.distill_coef x the reverse "
+                                          "KL estimate log pi - log pi_teacher.")
     trust_remote_code: bool = knob(False, "Allow model repositories to run their own Python code. Off: only "
                                           "turn on for code you have read.")
     dtype: str = knob("float32", "Dtype of the policy's weights. bfloat16 alone trains the bf16 weights directly "
@@ -177,6 +181,12 @@ class AlgorithmConfig:
                                                     "by pi_old's entropy carry the policy gradient (Wang et al. "
                                                     "2025: rho = 0.2); KL and entropy terms keep every token. "
                                                     "None = off.", gt=0, le=1)
+    distill_coef: float = knob(1.0, "Weight of the per-token distillation reward (with model.teacher_path).", ge=0)
+    distill_estimator: str = knob("k1", "Reverse KL to the teacher: k1, the sampled log pi_old - log pi_teacher "
+                                        "as a per-token reward; or full, the exact KL(pi || pi_teacher) of the "
+                                        "next-token distributions as a loss term (x distill_coef, with its exact "
+                                        "gradient; the teacher runs inside each training micro-batch).",
+                                  choices=("k1", "full"))
     use_critic: bool = knob(False, "Train a value head (needed by the gae estimator).")
     critic: str = knob("separate", "separate: the critic is a second transformer (model.critic_path, default the "
                                    "policy's initial weights) with a value head. shared: a value head on the "
@@ -560,6 +570,14 @@ def validate(cfg: TrainConfig) -> None:
                           "drop rollout.stop_strings")
     if a.eps_high < a.eps_low and a.name == "dapo":
         raise ConfigError("dapo expects algorithm.eps_high >= algorithm.eps_low.")
+    if a.name == "opd" and cfg.model.teacher_path is None:
+        raise ConfigError("algorithm.name=opd distils a teacher into the policy: set model.teacher_path")
+    if a.kl_estimator == "full" and a.kl_mode == "loss" and a.distill_estimator == "full" and cfg.model.teacher_path:
+        raise ConfigError("algorithm.kl_estimator=full (in the loss) and distill_estimator=full would run two "
+                          "extra models in every micro-batch: pick one of them, or put the KL in the reward")
+    if r.top_k == 1:
+        raise ConfigError("rollout.top_k=1 samples greedily: the policy that samples is deterministic, so every "
+                          "log-prob is 0 and there is no policy gradient; use top_k=0 (off) or top_k > 1")
     if a.kl_estimator == "full" and (r.top_k > 0 or r.top_p < 1.0):
         raise ConfigError("algorithm.kl_estimator=full is the KL of the whole softmax; with rollout.top_k / "
                           "top_p the policy samples from a truncated one: use k1/k2/k3 there (they are exact "

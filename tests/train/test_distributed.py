@@ -6,9 +6,11 @@ with the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
 `Dist.from_env()` exactly as under torchrun, without torchrun's seconds of agent start-up. One launch runs
 several jobs in a row in one process group; the tests then check what they left on disk.
 
-Rollouts are made deterministic with rollout.top_k=1 (greedy whatever the RNG): the sampling RNG necessarily
-differs between one rank drawing the whole batch and two ranks drawing halves. The training log-probs still
-use the full softmax at the temperature, so the update is the real one. PPO (critic, GAE, whitening over the
+Rollouts are made deterministic by a top-1 warper added to the sampler behind the config's back (greedy
+whatever the RNG): the sampling RNG necessarily differs between one rank drawing the whole batch and two
+ranks drawing halves. The config keeps top_k=0, so the training log-probs are the full softmax at the
+temperature and the update is a real one (with rollout.top_k=1 the trainer would, rightly, evaluate the
+one-token distribution greedy sampling draws from, whose policy gradient is 0). PPO (critic, GAE, whitening over the
 batch, 2 epochs x 2 minibatches) and REINFORCE (batch-mean baseline) both need batch-wide statistics.
 """
 
@@ -50,7 +52,7 @@ def char_score(prompts, completions, **_):
 
 def base_config(model: str, algo: str) -> dict:
     return {"model": {"path": model}, "algorithm": {"name": algo}, "steps": 10, "seed": 0,
-            "rollout": {"max_new_tokens": 6, "prompts_per_step": 8, "group_size": 2, "top_k": 1},
+            "rollout": {"max_new_tokens": 6, "prompts_per_step": 8, "group_size": 2},
             "optim": {"micro_batch_size": 4}, "logging": {"progress": False, "tensorboard": False}}
 
 
@@ -60,12 +62,22 @@ def make_cfg(model: str, algo: str, overrides: dict):
     return resolve_config(base_config(model, algo), [f"{k}={v}" for k, v in {**LR, **overrides}.items()])
 
 
-def make_trainer(model: str, algo: str, overrides: dict, *, run_dir=None, dist=None):
+def make_greedy(backend) -> None:
+    """Greedy draws from an HF sampler whose config samples (see the module docstring)."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    backend.warpers.append(TopKLogitsWarper(1))
+
+
+def make_trainer(model: str, algo: str, overrides: dict, *, run_dir=None, dist=None, greedy: bool = True):
     from tether.rewards.functions import RewardScorer
     from tether.train.loop import Trainer
 
-    return Trainer(make_cfg(model, algo, overrides), rows=PROMPTS, reward_fn=RewardScorer([(char_score, 1.0)]),
-                   run_dir=run_dir, dist=dist)
+    t = Trainer(make_cfg(model, algo, overrides), rows=PROMPTS, reward_fn=RewardScorer([(char_score, 1.0)]),
+                run_dir=run_dir, dist=dist)
+    if greedy:
+        make_greedy(t.backend)
+    return t
 
 
 def trained_weights(trainer) -> dict[str, torch.Tensor]:
@@ -86,9 +98,18 @@ def _worker(spec_path: str) -> None:
     from tether.train.checkpoint import latest_checkpoint
     from tether.train.distributed import Dist
 
+    from tether.rollout.hf import HFGenerateBackend
+
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec["out"])
     dist = Dist.from_env("gloo")
+    original_init = HFGenerateBackend.__init__
+
+    def greedy_init(self, *args, **kwargs):  # reaches the samplers that run_training builds too
+        original_init(self, *args, **kwargs)
+        make_greedy(self)
+
+    HFGenerateBackend.__init__ = greedy_init
     if not dist.is_main:
         _audit_writes(spec["watch"], out / f"rank{dist.rank}_writes.json")
     returned = {}
@@ -103,7 +124,9 @@ def _worker(spec_path: str) -> None:
             returned[f"{job['name']}/next_draw"] = torch.rand(4).tolist()
         else:
             t = make_trainer(spec["model"], job["algo"], job.get("overrides", {}), run_dir=job.get("run_dir"),
-                             dist=dist)
+                             dist=dist, greedy=False)
+            if job.get("draws"):
+                t.backend.warpers = t.backend.warpers[:-1]  # this job samples
             if job.get("resume"):
                 t.load(latest_checkpoint(job["resume"], clean=False))  # only rank 0 may clean up
                 returned[f"{job['name']}/next_draw"] = torch.rand(4).tolist()

@@ -45,6 +45,7 @@ class Rollout:
     old_logprobs_BT: torch.Tensor | None = None
     old_entropy_BT: torch.Tensor | None = None  # entropy of pi_old, for high-entropy token selection
     full_kl_BT: torch.Tensor | None = None      # exact KL(pi_old || pi_ref) per position (kl_estimator=full)
+    teacher_kl_BT: torch.Tensor | None = None   # reverse KL to a distillation teacher per model token
     ref_logprobs_BT: torch.Tensor | None = None
     old_values_BT: torch.Tensor | None = None
     advantages_BT: torch.Tensor | None = None

@@ -70,6 +70,15 @@ def compute_advantages(rollout: Rollout, cfg: TrainConfig, dist: Dist, *, beta: 
         kl_part = kl_BT if token_rewards is not None else torch.zeros_like(mask)
         token_rewards = kl_shaped_token_rewards(scores - turns_BT.sum(-1), kl_part, mask,
                                                 beta=beta if token_rewards is not None else 0.0) + turns_BT
+    if rollout.teacher_kl_BT is not None:
+        # On-policy distillation: -coef * (log pi_old - log pi_teacher) per token, on top of any score.
+        distill_BT = rollout.teacher_kl_BT * mask
+        if a.advantage in TOKEN_REWARD_ESTIMATORS:
+            if token_rewards is None:
+                token_rewards = kl_shaped_token_rewards(scores, torch.zeros_like(mask), mask, beta=0.0)
+            token_rewards = token_rewards - a.distill_coef * distill_BT
+        else:
+            scores = scores - a.distill_coef * distill_BT.sum(-1)
     scores_global = dist.gather_cat(scores)
     valid_global = dist.gather_cat(valid)
     fn = ADVANTAGES[a.advantage]

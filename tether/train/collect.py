@@ -37,13 +37,15 @@ def score(rollout: Rollout, reward: Callable | None, device: torch.device, *, co
     truncation flags and the completion lengths reach the reward functions as keyword lists, and with
     `conversation` the whole conversation of each sample (its prompt messages, then the completion; for an
     episode, every turn). An episode's score is the sum of its environment rewards plus the reward functions'
-    (when any are configured); an episode whose environment failed is unscored."""
+    (when any are configured); an episode whose environment failed is unscored. Without reward functions
+    and outside an episode (on-policy distillation alone) every score is 0."""
     episodes = rollout.turn_rewards_BT is not None
     env_total = rollout.turn_rewards_BT.sum(-1).to(device) if episodes else None
     env_ok = (rollout.episode_BK[:, EPISODE_COLUMNS.index("env_failed")] == 0).to(device) if episodes else None
     if reward is None:
         if not episodes:
-            raise TrainingError("no reward to score completions with")
+            env_total = torch.zeros(len(rollout), device=device)
+            env_ok = torch.ones(len(rollout), dtype=torch.bool, device=device)
         rollout.scores_B, rollout.valid_B = env_total.float(), env_ok
         rollout.reward_stats, rollout.scored_rows = {}, len(rollout)
         return
@@ -101,6 +103,8 @@ def collect(cfg: TrainConfig, sampler, backend, reward: Callable | None, dist: D
     """This rank's scored rollout of the step (prompts_per_step / ranks prompts x group_size completions, or
     with `episodes`, group_size episodes of each row)."""
     a, r = cfg.algorithm, cfg.rollout
+    if reward is None and episodes is None and cfg.model.teacher_path is None:
+        raise TrainingError("no reward to score completions with")
     wanted = r.prompts_per_step // dist.world_size
     info = CollectInfo()
     kept: list[Rollout] = []

@@ -48,11 +48,14 @@ def sampler_is_exact(cfg: TrainConfig, backend) -> bool:
 def needs_old_pass(cfg: TrainConfig, run: RunModels, exact_sampler: bool) -> bool:
     """pi_old needs its own pass unless the first minibatch's forward can stand for it: more than one update
     per step, a shared critic (whose old values come with it), KL in the reward from an inexact sampler or
-    over the full vocabulary (pi_old's logits meet the reference's there), or high-entropy token selection
-    (it ranks pi_old's entropies before the update)."""
+    over the full vocabulary (pi_old's logits meet the reference's there), distillation's sampled reward
+    from an inexact sampler, or high-entropy token selection (it ranks pi_old's entropies before the
+    update)."""
     a = cfg.algorithm
+    distills = run.teacher is not None
     return (run.shared_critic or a.epochs * a.minibatches > 1 or a.entropy_top_fraction is not None
-            or full_kl_in_reward(cfg) or (a.kl_mode == "reward" and uses_reference(cfg) and not exact_sampler))
+            or full_kl_in_reward(cfg) or (distills and a.distill_estimator == "k1" and not exact_sampler)
+            or (a.kl_mode == "reward" and uses_reference(cfg) and not exact_sampler))
 
 
 def full_kl_in_reward(cfg: TrainConfig) -> bool:
@@ -116,6 +119,15 @@ def no_grad_passes(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatA
                 lp, _ = policy_logprobs(ref_model, mb, temperature=r.temperature, with_entropy=False,
                                         autocast_dtype=run.autocast_dtype, share_prompts=run.share_prompts)
                 scatter_rows(rollout.ref_logprobs_BT, mb, lp)
+    if run.teacher is not None and a.distill_estimator == "k1":
+        # The reverse KL's sampled estimate, log pi_old - log pi_teacher, at every model token.
+        teacher_lp = torch.zeros(B, T, device=device)
+        with run.teacher.active() as teacher:
+            for mb in frozen_micro:
+                lp, _ = policy_logprobs(teacher, mb, temperature=r.temperature, with_entropy=False,
+                                        autocast_dtype=run.autocast_dtype, share_prompts=run.share_prompts)
+                scatter_rows(teacher_lp, mb, lp)
+        rollout.teacher_kl_BT = (logprobs_before_update(rollout, exact_sampler) - teacher_lp) * rollout.loss_mask_BT
     if run.critic is not None and not run.shared_critic:
         rollout.old_values_BT = torch.zeros(B, T, device=device)
         for mb in frozen_micro:

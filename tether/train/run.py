@@ -231,9 +231,10 @@ def build_reward(cfg: TrainConfig, extra: list | None = None):
                                clip=cfg.reward.clip, trust_remote_code=cfg.model.trust_remote_code)
         functions.append((rm, cfg.reward.reward_model_weight))
     if not functions:
-        if cfg.env.name is not None:
-            return None  # episodes are scored by their environment's rewards alone
-        raise ConfigError("no reward: set reward.functions, reward.reward_model, or use a task:NAME data source")
+        if cfg.env.name is not None or cfg.model.teacher_path is not None:
+            return None  # episodes are scored by their environment's rewards alone, distillation by its teacher
+        raise ConfigError("no reward: set reward.functions, reward.reward_model, model.teacher_path, or use a "
+                          "task:NAME data source")
     return RewardScorer(functions, on_error=cfg.reward.on_error, timeout_s=cfg.reward.timeout_s)
 
 

@@ -24,6 +24,7 @@ class RunModels:
     policy: nn.Module
     policy_module: nn.Module
     reference: models.ReferencePolicy | None
+    teacher: models.ReferencePolicy | None  # on-policy distillation's frozen teacher
     critic: nn.Module | None
     critic_module: nn.Module | None
     shared_critic: bool
@@ -73,6 +74,9 @@ def build_models(cfg: TrainConfig, device: torch.device, dist: Dist) -> RunModel
             ref = models.load_causal_lm(m.ref_path, dtype=m.frozen_dtype_name(),
                                         trust_remote_code=m.trust_remote_code, device=device)
             reference = models.ReferencePolicy(model=models.freeze(ref))
+    teacher = None
+    if m.teacher_path is not None:
+        teacher = models.ReferencePolicy(model=models.freeze(load_teacher(m.teacher_path, tokenizer, cfg, device)))
     critic = None
     shared_critic = a.use_critic and a.critic == "shared"
     if shared_critic:
@@ -85,7 +89,7 @@ def build_models(cfg: TrainConfig, device: torch.device, dist: Dist) -> RunModel
             critic.gradient_checkpointing_enable()
     policy.train()
     run = RunModels(
-        tokenizer=tokenizer, policy=policy, policy_module=policy, reference=reference, critic=critic,
+        tokenizer=tokenizer, policy=policy, policy_module=policy, reference=reference, teacher=teacher, critic=critic,
         critic_module=critic, shared_critic=shared_critic, compiled_policy=None,
         autocast_dtype=models.DTYPES[m.autocast] if m.autocast else None, context_window=context_window,
         # HF turns the KV cache off in a checkpointed model's training forwards; prompt sharing needs it.
@@ -98,6 +102,22 @@ def build_models(cfg: TrainConfig, device: torch.device, dist: Dist) -> RunModel
         # generation, the reference and the checkpoints use the plain one, which holds the same parameters.
         run.compiled_policy = run.policy_module = torch.compile(policy, dynamic=True)
     return run
+
+
+def load_teacher(path: str, tokenizer, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The distillation teacher; it must read and write the policy's tokens (the same vocabulary)."""
+    from tether.config import ConfigError
+
+    m = cfg.model
+    teacher_tok = models.load_tokenizer(path, trust_remote_code=m.trust_remote_code)
+    if teacher_tok.get_vocab() != tokenizer.get_vocab():
+        ours, theirs = tokenizer.get_vocab(), teacher_tok.get_vocab()
+        differ = sorted(set(ours.items()) ^ set(theirs.items()), key=str)[:3]
+        raise ConfigError(f"model.teacher_path={path!r}: its tokenizer differs from the policy's ({len(theirs)} "
+                          f"tokens against {len(ours)}; e.g. {differ}): on-policy distillation compares the "
+                          "two models' log-probs of the same token ids, so both need the same vocabulary")
+    return models.load_causal_lm(path, dtype=m.frozen_dtype_name(), trust_remote_code=m.trust_remote_code,
+                                 device=device)
 
 
 def _wrap_distributed(run: RunModels, cfg: TrainConfig, dist: Dist, device: torch.device) -> None:

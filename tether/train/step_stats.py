@@ -50,6 +50,9 @@ def rollout_stats(rollout: Rollout, dist: Dist) -> dict[str, float]:
     if rollout.returns_BT is not None and rollout.old_values_BT is not None:
         out["value/explained_variance"] = global_explained_variance(rollout.old_values_BT, rollout.returns_BT,
                                                                     mask, dist)
+    if rollout.teacher_kl_BT is not None:  # what distillation drives down
+        tk = dist.sum(torch.stack([(rollout.teacher_kl_BT * mask).sum(), mask.sum()]))
+        out["distill/teacher_kl_per_token"] = (tk[0] / tk[1].clamp(min=1)).item()
     if rollout.episode_BK is not None:
         out.update(episode_stats(dist.sum(episode_sums(rollout.episode_BK, mask))))
     # The scorer's figures describe this rank's rows (every rank holds as many): average them over ranks.

@@ -64,6 +64,9 @@ def update(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatAccumulat
     world = dist.world_size
     epochs_done, updates, skipped, stopped_early, bad_cause = 0, 0, 0, False, None
     kl_full_in_loss = a.kl_mode == "loss" and a.kl_estimator == "full" and uses_reference(cfg)
+    # On-policy distillation with the exact KL: grad KL(pi || pi_teacher) per position, in the loss (as a
+    # reward it would have no gradient at its own position: it does not depend on the sampled token).
+    distill_in_loss = run.teacher is not None and a.distill_estimator == "full"
     first_minibatch = True
     for epoch in range(a.epochs):
         order = first_epoch_order if epoch == 0 else order_for_epoch(epoch)
@@ -80,7 +83,7 @@ def update(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatAccumulat
                     run.policy_module, run.critic_module if run.shared_critic else None, mb,
                     temperature=r.temperature, with_entropy=True, autocast_dtype=run.autocast_dtype,
                     share_prompts=run.share_prompts, top_k=r.top_k, top_p=r.top_p,
-                    reference=run.reference if kl_full_in_loss else None)  # entropy is always logged; it comes from the same pass
+                    reference=run.reference if kl_full_in_loss else run.teacher if distill_in_loss else None)  # entropy is always logged; it comes from the same pass
                 mask = mb.response_mask
                 old = gather_rows(rollout.old_logprobs_BT, mb) if rollout.old_logprobs_BT is not None else lp.detach()
                 adv = gather_rows(rollout.advantages_BT, mb)
@@ -93,12 +96,23 @@ def update(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatAccumulat
                 kl_BT = None
                 if kl_full_in_loss:  # the exact per-position KL, whose gradient is grad KL(pi || pi_ref)
                     kl_BT = full_kl
+                    full_kl = None
                 elif a.kl_mode == "loss" and uses_reference(cfg):
                     kl_BT = KL_ESTIMATORS[a.kl_estimator](lp, gather_rows(rollout.ref_logprobs_BT, mb))
                 loss, lstats = composite_loss(
                     policy_loss_BT=pl_BT, response_mask_BT=mask, aggregation=a.aggregation, entropy_BT=ent,
                     entropy_coef=a.entropy_coef, kl_BT=kl_BT, kl_coef=beta if kl_BT is not None else 0.0,
                     num_sequences=n_seq, num_tokens=n_tok, max_len=r.max_new_tokens)
+                if full_kl is not None:  # distillation's exact reverse KL to the teacher, a loss term
+                    distill = aggregate(full_kl, mask, a.aggregation, num_sequences=n_seq, num_tokens=n_tok,
+                                        max_len=r.max_new_tokens)
+                    loss = loss + a.distill_coef * distill
+                    lstats["loss/distill"] = distill.detach()
+                    lstats["loss/total"] = lstats["loss/total"] + a.distill_coef * distill.detach()
+                    if first_minibatch:
+                        ntok_mb = mask.sum()
+                        acc.mean("distill/teacher_kl_per_token", (full_kl.detach() * mask).sum()
+                                 / ntok_mb.clamp(min=1), ntok_mb)
                 if run.shared_critic:  # one backward: the value loss also flows into the shared trunk
                     vloss = value_term(shared_values, rollout, mb, n_seq, n_tok, lstats, acc, cfg)
                     loss = loss + a.value_coef * vloss
