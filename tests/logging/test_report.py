@@ -113,3 +113,18 @@ def test_report_renders_in_headless_chromium(tmp_path):
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1280, 2000)
     assert len(data) > 50_000  # a blank page compresses to a few KB; plots and text make it far larger
+
+
+def test_episode_samples_show_the_whole_conversation_with_roles(tmp_path):
+    conversation = [{"role": "user", "content": "482*37="},
+                    {"role": "assistant", "content": '<tool_call>calc("482*37")</tool_call>'},
+                    {"role": "tool", "content": "17834"}, {"role": "assistant", "content": "17834 <x>"}]
+    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+        logger.log_samples(1, [{"prompt": "482*37=", "completion": "17834", "reward": 1.0,
+                                "conversation": conversation}])
+    page = write_report(tmp_path).read_text()
+    cell = page[page.index('<table id="samples">'):]
+    for role in ("user:", "assistant:", "tool:"):
+        assert f'<span class="role">{role}</span>' in cell
+    assert "&lt;tool_call&gt;calc(&quot;482*37&quot;)&lt;/tool_call&gt;" in cell and "17834 &lt;x&gt;" in cell
+    assert cell.index("tool:") < cell.index("17834 &lt;x&gt;")  # turns in order

@@ -219,6 +219,7 @@ th, td { border: 1px solid #d0d7de; padding: 6px 8px; text-align: left; vertical
 th { background: #eef1f4; }
 td.text { white-space: pre-wrap; font-family: ui-monospace, Menlo, monospace; font-size: 0.85em; }
 td.text div { max-height: 240px; overflow: auto; }
+td.text .role { font-weight: 600; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.stage td { background: #eef1f4; font-weight: 600; }
 details pre { background: white; border: 1px solid #d0d7de; padding: 8px; overflow: auto; }
@@ -331,6 +332,16 @@ def _pick_sample_steps(steps: list[int]) -> list[tuple[str, int]]:
     return unique
 
 
+def _completion_html(row: dict) -> str:
+    """The completion; for an episode, every turn of its conversation with the role that wrote it."""
+    conversation = row.get("conversation")
+    if not isinstance(conversation, list):
+        return _esc(row.get("completion", ""))
+    turns = [f'<span class="role">{_esc(m.get("role", "?"))}:</span> {_esc(m.get("content", ""))}'
+             for m in conversation if isinstance(m, dict)]
+    return "\n".join(turns)  # td.text keeps newlines (pre-wrap)
+
+
 def _samples_section(samples: list[dict]) -> str:
     by_step: dict[int, list[dict]] = {}
     for row in samples:
@@ -347,7 +358,7 @@ def _samples_section(samples: list[dict]) -> str:
                 "<tr>"
                 f'<td class="num">{step}</td>'
                 f'<td class="text"><div>{_esc(row.get("prompt", ""))}</div></td>'
-                f'<td class="text"><div>{_esc(row.get("completion", ""))}</div></td>'
+                f'<td class="text"><div>{_completion_html(row)}</div></td>'
                 f'<td class="num">{_esc(_format_value(row.get("reward")))}</td>'
                 "</tr>"
             )
