@@ -9,7 +9,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tether.models import load_causal_lm, load_tokenizer
 from tether.rollout import decode_attention
-from tether.rollout.decode_attention import NAME, installed, matmul_decode_attention, use_matmul_decode
+from tether.rollout.decode_attention import NAME, installed, matmul_decode_attention
+from tether.rollout.speedups import use_matmul_decode
 from tether.rollout.hf import HFGenerateBackend
 from tether.tasks.tiny_model import build_tiny_model
 

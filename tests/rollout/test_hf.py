@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tether.models import load_causal_lm, load_tokenizer
-from tether.rollout.hf import HFGenerateBackend, PreallocatedLayer, completion_mask, preallocated_cache
+from tether.rollout.hf import HFGenerateBackend, completion_mask
+from tether.rollout.kv_cache import PreallocatedLayer, preallocated_cache
 from tether.rollout.shared_prompts import CACHE_KWARG
 from tether.tasks.tiny_model import build_tiny_model
 
@@ -154,7 +155,7 @@ def test_compiled_sampling_matches_eager_and_leaves_the_model_eager(tmp_path, lo
     """rollout.compile: generate runs the compiled forward (dynamic shapes: a new prompt length or batch
     compiles nothing new), samples what eager sampling does, and the model's own forward is back after."""
     from tether.models import apply_lora
-    from tether.rollout.hf import forward_host
+    from tether.rollout.compiled_forward import forward_host
 
     path = build_tiny_model(tmp_path / "m", hidden_size=32, num_layers=2)
     tok = load_tokenizer(str(path))
@@ -185,7 +186,7 @@ def test_compiled_sampling_matches_eager_and_leaves_the_model_eager(tmp_path, lo
 
 
 def test_compiled_forward_is_removed_when_generate_fails(tmp_path):
-    from tether.rollout.hf import CompiledForward
+    from tether.rollout.compiled_forward import CompiledForward
 
     model = load_causal_lm(str(build_tiny_model(tmp_path / "m", hidden_size=32, num_layers=1)))
     with pytest.raises(RuntimeError, match="interrupted"):

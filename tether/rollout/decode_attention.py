@@ -6,7 +6,7 @@ During sampling every decode step attends one new query token per row to the KV 
 model's sampling time. Written as `q @ k^T`, a softmax and `p @ v`, all in float32, with the query heads of
 each KV head stacked as rows so that grouped-query attention needs no copy of K and V, the step costs a
 quarter of that, and sampling a fifth to a third less (benchmarks/README.md). On a Xeon with AMX the flash
-kernel was the faster one (sampling 5% slower with matmuls), hence `use_matmul_decode("auto")`.
+kernel was the faster one (sampling 5% slower with matmuls), hence `speedups.use_matmul_decode("auto")`.
 
 It is registered with transformers' attention interface under `NAME`, with SDPA's mask function, on first use
 (`registered`: those are transformers internals, guarded), and installed on a model only while it samples
@@ -63,17 +63,6 @@ def matmul_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, value.float()).to(query.dtype)  # [B, Hkv, G, D]
     return out.reshape(B, 1, H, D), None
-
-
-def use_matmul_decode(choice: str) -> bool:
-    """`rollout.decode_attention`: "matmul", "model", or "auto" (matmul unless the CPU has AMX tiles)."""
-    if choice not in ("auto", "matmul", "model"):
-        raise ValueError(f"decode_attention must be 'auto', 'matmul' or 'model', not {choice!r}")
-    if choice == "auto":
-        from tether.rollout.cpu_features import has_amx
-
-        return not has_amx()
-    return choice == "matmul"
 
 
 @functools.cache

@@ -5,20 +5,7 @@ from __future__ import annotations
 import torch
 
 from tether.config import TrainConfig
-from tether.models import DTYPES
-
-
-def sampler_weights_dtype(cfg: TrainConfig, fsdp: bool) -> torch.dtype | None:
-    """The dtype of the HF sampler's own copy of the policy; None: sample from the policy itself.
-
-    'auto' keeps a bf16 copy under bf16 autocast (sampling on bf16 weights instead of casting at every
-    matmul), except under FSDP, whose shards would have to be gathered into the copy."""
-    r, m = cfg.rollout, cfg.model
-    if r.weights_dtype == "auto":
-        return torch.bfloat16 if m.autocast == "bfloat16" and not fsdp else None
-    if r.weights_dtype == "policy":
-        return None
-    return DTYPES[r.weights_dtype]  # config.validate_for_world refuses a copy under FSDP
+from tether.rollout.speedups import sampler_share_prompts, sampler_weights_dtype
 
 
 def make_backend(cfg: TrainConfig, policy: torch.nn.Module, tokenizer, *, autocast_dtype: torch.dtype | None,
@@ -38,9 +25,7 @@ def make_backend(cfg: TrainConfig, policy: torch.nn.Module, tokenizer, *, autoca
                              autocast_dtype=autocast_dtype, weights_dtype=sampler_weights_dtype(cfg, fsdp),
                              compile_backend="inductor" if r.compile else None,
                              decode_attention=r.decode_attention, packed_linears=r.packed_linears,
-                             # Under FSDP the prefill would gather the shards on its own, and only on ranks
-                             # whose prompts repeat: generate's gather must stay the only one.
-                             share_prompts=cfg.optim.share_prompts and not fsdp)
+                             share_prompts=sampler_share_prompts(cfg.optim.share_prompts, fsdp=fsdp))
 
 
 def make_episode_runner(cfg: TrainConfig, tokenizer, *, context_window: int | None):

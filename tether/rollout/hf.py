@@ -1,36 +1,35 @@
-"""Rollouts with Hugging Face `generate`: on the policy itself, or on a low-precision copy of it."""
+"""Rollouts with Hugging Face `generate`: on the policy itself, or on a low-precision copy of it. The pieces
+it runs with live in their own modules: the preallocated KV cache (kv_cache.py), the log-prob recorder
+(logprob_recorder.py), the compiled forward (compiled_forward.py), and which CPU speed-ups combine
+(speedups.py)."""
 
 from __future__ import annotations
 
 import copy
-import logging
-import types
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
-import torch.fx.experimental._config as fx_config
 from torch import nn
 from transformers import (
     GenerationConfig,
-    LogitsProcessor,
     LogitsProcessorList,
     PreTrainedTokenizerBase,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from tether.models import is_sharded
 from tether.rollout.batch import Rollout
+from tether.rollout.compiled_forward import CompiledForward
 from tether.rollout.decode_attention import installed as matmul_decode_installed
-from tether.rollout.decode_attention import use_matmul_decode
+from tether.rollout.kv_cache import preallocated_cache
+from tether.rollout.logprob_recorder import SampledLogprobs
 from tether.rollout.packed_linears import installed as packed_linears_installed
 from tether.rollout.prompts import render
 from tether.rollout.shared_prompts import CACHE_KWARG, prefill_shared_prompts
-
-log = logging.getLogger("tether")
+from tether.rollout.speedups import packed_linears_allowed, use_matmul_decode
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list, *, chat_template: bool,
                    device: torch.device, system_prompt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,119 +75,6 @@ def completion_mask(completion_ids_BT: torch.Tensor, eos: list[int], generated_l
     return mask, ~has_eos
 
 
-class SampledLogprobs(LogitsProcessor):
-    """Records log pi_sampler(o_t) of each sampled token while `generate` runs, one [B, V] at a time.
-
-    It runs last in the processor chain, so it sees the distribution tokens are drawn from (temperature,
-    top-k, top-p applied). At step t it keeps log_softmax(scores_t); at step t+1 the token drawn at t is
-    the last column of input_ids, so only a [B] gather is kept. Asking generate for `output_scores`
-    instead would hold a float [B, T, V] tensor: gigabytes at a real vocabulary and long completions.
-    """
-
-    def __init__(self) -> None:
-        self.pending: torch.Tensor | None = None
-        self.logprobs: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.pending is not None:
-            self.logprobs.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        self.pending = torch.log_softmax(scores.float(), -1)
-        return scores
-
-    def finish(self, completion_BT: torch.Tensor) -> torch.Tensor:
-        """Log-probs [B, T] of `completion_BT` (the gather for the last step happens here)."""
-        T = completion_BT.shape[1]
-        if self.pending is not None and len(self.logprobs) < T:
-            self.logprobs.append(self.pending.gather(-1, completion_BT[:, len(self.logprobs):len(self.logprobs) + 1])
-                                 .squeeze(-1))
-        self.pending = None
-        if not self.logprobs:
-            return torch.zeros_like(completion_BT, dtype=torch.float32)
-        return torch.stack(self.logprobs[:T], 1)
-
-
-class PreallocatedLayer(DynamicLayer):
-    """A KV-cache layer that writes each step into a buffer sized for the whole generation.
-
-    HF's `DynamicLayer` grows by `torch.cat`, re-copying the layer's whole cache at every token; here each
-    step writes only its own positions and attention reads a view of the filled part (5% of a 47M model's
-    bf16 sampling time on CPU, measured). Only `generate`'s plain sampling path is used: the batch never
-    shrinks, and the methods below that reshape a cache keep the buffer consistent by starting a new one.
-    """
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + key_states.shape[-2]
-        if not self.is_initialized or end > self._keys.shape[-2]:
-            self._allocate(key_states, value_states, max(self.capacity, end))
-        self._keys[:, :, self.length:end] = key_states
-        self._values[:, :, self.length:end] = value_states
-        self.length = end
-        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
-        return self.keys, self.values
-
-    def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
-        B, H, _, D = key_states.shape
-        keys = key_states.new_empty(B, H, capacity, D)
-        values = value_states.new_empty(B, H, capacity, value_states.shape[-1])
-        if self.is_initialized and self.length:
-            keys[:, :, :self.length] = self.keys
-            values[:, :, :self.length] = self.values
-        self._keys, self._values = keys, values
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
-
-    def _restart_from_current(self) -> None:
-        # After an out-of-place edit of self.keys/values (crop, beam reorder, batch select): copy them into a
-        # fresh buffer so later writes land in the tensors attention reads.
-        if self.is_initialized:
-            self.length = self.keys.shape[-2]
-            self._allocate(self.keys, self.values, max(self.capacity, self.length))  # copies the filled part
-            self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
-
-    def reset(self) -> None:
-        super().reset()
-        self.length = 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        self._restart_from_current()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._restart_from_current()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._restart_from_current()
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._restart_from_current()
-
-
-def preallocated_cache(model: nn.Module, capacity: int) -> Cache | None:
-    """A `DynamicCache` whose full-attention layers are `PreallocatedLayer`s; None where the model's cache
-    layout is not the plain one (sliding-window and other layer types keep HF's own classes)."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    try:
-        cache = DynamicCache(config=config)
-    except Exception:  # a config HF cannot map to cache layers: let generate build its own
-        return None
-    if not any(type(layer) is DynamicLayer for layer in cache.layers):
-        return None  # e.g. Mistral's sliding-window layers
-    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
-                    for layer in cache.layers]
-    return cache
-
-
 def sampler_copy(policy: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A frozen copy of the policy in `dtype` for sampling (refreshed by `copy_trainable_weights`)."""
     clone = copy.deepcopy(policy).to(dtype)
@@ -206,44 +92,6 @@ def copy_trainable_weights(source: nn.Module, target: nn.Module) -> None:
             raise RuntimeError(f"sampler copy out of step with the policy: {name!r} vs {name_t!r}")
         if src.requires_grad:
             dst.copy_(src)
-
-
-def forward_host(model: nn.Module) -> nn.Module:
-    """The module whose `forward` generate's decoding loop calls: the model itself, or under a peft wrapper
-    the transformers model inside it (the adapters' layers are part of its forward)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-class CompiledForward:
-    """`torch.compile` of a model class's forward, installed on one module only while it samples.
-
-    generate's per-token Python (cache bookkeeping, masks, rotary, the layers' small element-wise ops) is
-    most of a decode step at batch 32 on CPU; compiled, it is fused around the matmuls (47M model, bf16:
-    10-20% off sampling on the two CPUs measured, benchmarks/README.md). dynamic=True: the growing KV
-    length and each step's prompt length are symbolic, so the graphs (prefill, one decode step) compile once.
-    The forward is swapped in only for the duration of `generate`, so training forwards, the reference and
-    checkpoints never see it.
-    """
-
-    def __init__(self, backend: str | Callable = "inductor") -> None:
-        self.backend = backend
-        self._compiled: dict[type, Callable] = {}
-
-    @contextmanager
-    def installed(self, model: nn.Module) -> Iterator[None]:
-        host = forward_host(model)
-        cls = type(host)
-        if cls not in self._compiled:
-            self._compiled[cls] = torch.compile(cls.forward, dynamic=True, backend=self.backend)
-        host.forward = types.MethodType(self._compiled[cls], host)
-        try:
-            # Without duck shapes, sizes that happen to be equal when a graph is traced (prompt length and
-            # batch size, say) are not assumed equal forever, which would recompile when they next differ.
-            with fx_config.patch(use_duck_shape=False):
-                yield
-        finally:
-            del host.forward  # back to the class's eager forward
 
 
 class HFGenerateBackend:
@@ -279,12 +127,8 @@ class HFGenerateBackend:
         self.compiled_forward = CompiledForward(compile_backend) if compile_backend is not None else None
         self.share_prompts = share_prompts
         self.matmul_decode = use_matmul_decode(decode_attention)
-        # Autocast would need the packed copies in its dtype, and Inductor cannot trace oneDNN's packed
-        # tensors: both keep F.linear.
-        self.packed_linears = packed_linears and autocast_dtype is None and compile_backend is None
-        if packed_linears and not self.packed_linears:
-            log.info("rollout.packed_linears: off while sampling %s (documented: F.linear there)",
-                     "under autocast" if autocast_dtype is not None else "through rollout.compile")
+        self.packed_linears = packed_linears_allowed(packed_linears, autocast_dtype=autocast_dtype,
+                                                     compiled=compile_backend is not None)
         self.eos = eos_ids(tokenizer, policy)
         # An explicit config with only our settings: a hub model's own generation_config may carry
         # repetition penalties or top_k=50 defaults that would make the sampler's distribution differ

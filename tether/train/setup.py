@@ -11,6 +11,7 @@ from transformers import get_scheduler
 
 from tether import models
 from tether.config import TrainConfig
+from tether.rollout.speedups import training_share_prompts
 from tether.train.distributed import Dist
 from tether.train.precision import MasterWeights
 
@@ -92,8 +93,8 @@ def build_models(cfg: TrainConfig, device: torch.device, dist: Dist) -> RunModel
         tokenizer=tokenizer, policy=policy, policy_module=policy, reference=reference, teacher=teacher, critic=critic,
         critic_module=critic, shared_critic=shared_critic, compiled_policy=None,
         autocast_dtype=models.DTYPES[m.autocast] if m.autocast else None, context_window=context_window,
-        # HF turns the KV cache off in a checkpointed model's training forwards; prompt sharing needs it.
-        share_prompts=cfg.optim.share_prompts and not m.gradient_checkpointing and cfg.rollout.group_size > 1)
+        share_prompts=training_share_prompts(cfg.optim.share_prompts, gradient_checkpointing=m.gradient_checkpointing,
+                                             group_size=cfg.rollout.group_size))
     if m.master_weights:
         run.masters = {name: MasterWeights(module, models.DTYPES[m.dtype]) for name, module in run.trained().items()}
     _wrap_distributed(run, cfg, dist, device)
