@@ -127,6 +127,11 @@ class RolloutConfig:
                                     gt=0)
     vllm_gpu_memory_utilization: float = knob(0.3, "vLLM backend: share of GPU memory for its KV cache.",
                                               gt=0, le=1)
+    vllm_sleep: bool = knob(False, "vLLM backend: sleep mode around the update (vLLM's weights to host memory "
+                                   "and its KV cache freed while the trainer steps; woken for the weight sync).")
+    vllm_sync_bucket_mb: float = knob(256.0, "vLLM backend: weights pushed after each update in calls of at "
+                                             "most this many MiB (one call per parameter is slow for large "
+                                             "models).", gt=0)
 
 
 @dataclass

@@ -15,7 +15,8 @@ def make_backend(cfg: TrainConfig, policy: torch.nn.Module, tokenizer, *, autoca
     if r.backend == "vllm":
         from tether.rollout.vllm import VLLMBackend
 
-        return VLLMBackend(policy, tokenizer, m.path, r)
+        return VLLMBackend(policy, tokenizer, m.path, r, chat_template=m.chat_template,
+                           system_prompt=m.system_prompt, seed=cfg.seed)
     from tether.rollout.hf import HFGenerateBackend
 
     return HFGenerateBackend(policy, tokenizer, max_new_tokens=r.max_new_tokens, temperature=r.temperature,

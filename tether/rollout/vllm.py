@@ -1,87 +1,190 @@
-"""Rollouts with vLLM (GPU, optional extra: `pip install tether[vllm]`), colocated with the trainer.
+"""Rollouts with vLLM (GPU, optional extra: `pip install "tether[vllm]"`), colocated with the trainer, on
+vLLM's V1 engine.
 
-vLLM keeps its own copy of the weights; after every update `sync_weights` pushes the policy's parameters
-into it. The log-probs vLLM reports for each sampled token are kept as the sampler's log-probs, so the
-trainer can log (and optionally correct, `algorithm.tis_cap`) the sampler/trainer mismatch.
-Written against vLLM's documented `LLM` / `SamplingParams` API; its test runs only where CUDA and vLLM are.
+Written against vLLM 0.10.2 - 0.11.x (the extra's range, `SUPPORTED`), read from its source:
+
+- Weights. V1 runs the model in an engine-core process: the `llm.llm_engine.model_executor.driver_worker`
+  path that older trainers reach into exists only with VLLM_ENABLE_V1_MULTIPROCESSING=0 (vLLM #9318,
+  #16434; TRL #3859). The documented way in is `LLM.collective_rpc`: `WeightLoader` is given to vLLM as
+  `worker_extension_cls`, vLLM mixes it into its worker class, and `sync_weights` calls its
+  `tether_load_weights` on every worker with one bucket of (name, tensor) pairs at a time
+  (`rollout.vllm_sync_bucket_mb`), which the worker hands to `model.load_weights`. One call per parameter
+  took minutes per sync for large models in other trainers (TRL #6386). The tensors travel as CPU tensors,
+  which any transport between processes can carry; names are the Hugging Face checkpoint's (vLLM maps them
+  onto its fused layers), LoRA adapters merged in for the copy.
+- Token in, token out. Prompts go to vLLM as `{"prompt_token_ids": [...]}`, the very ids the trainer
+  trains on (the chat template rendered once, by tether), and the sampled `token_ids` are used as they are;
+  nothing is decoded and re-encoded. `logprobs_mode="processed_logprobs"` makes the recorded log-probs
+  those of the distribution the tokens were drawn from (after temperature, top-k and top-p); vLLM keeps
+  its top-k / top-p sets by the same rule as transformers' warpers, which is the set the trainer evaluates
+  (core/logprobs.py), so the sampler/trainer mismatch check holds there too, up to vLLM's bf16.
+- Sleep mode (`rollout.vllm_sleep`): after generating, `sleep(level=1)` moves vLLM's weights to host
+  memory and frees its KV cache for the update; `sync_weights` wakes the weights, loads the new ones, then
+  wakes the KV cache (level 1, not 2: level 2 then needs a reload of the weights first, vLLM #29341).
 """
 
 from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from tether.rollout.batch import Rollout
-from tether.rollout.hf import completion_mask, eos_ids
+from tether.rollout.hf import completion_mask, encode_prompts, eos_ids
+
+SUPPORTED = ((0, 10, 2), (0, 12, 0))  # [lowest, first unsupported)
+WORKER_EXTENSION = f"{__name__}.WeightLoader"
+
+
+class VLLMVersionError(ImportError):
+    """The installed vLLM is outside the range this backend was written against."""
+
+
+def check_version(version: str) -> None:
+    """A clear error for a vLLM outside SUPPORTED (older ones have no V1 worker extensions or logprobs_mode)."""
+    parts = tuple(int(x) for x in re.findall(r"\d+", version)[:3])
+    lo, hi = SUPPORTED
+    if not lo <= parts < hi:
+        raise VLLMVersionError(
+            f"vLLM {version} is installed; tether's vLLM backend supports >= {'.'.join(map(str, lo))}, "
+            f"< {'.'.join(map(str, hi))} (pip install \"tether[vllm]\")")
+
+
+def require_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError("rollout.backend='vllm' needs a CUDA GPU; use rollout.backend=hf on CPU")
+
+
+class WeightLoader:
+    """Mixed into vLLM's worker class (`worker_extension_cls`): methods that `collective_rpc` runs on every
+    worker, with `self` the worker."""
+
+    def tether_load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
+        # model_runner.model may be a CUDA-graph wrapper; load_weights reaches the model through it.
+        self.model_runner.model.load_weights(weights=weights)
+        return len(weights)
+
+
+def hf_weight_names(policy: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's weights under its Hugging Face checkpoint names, as TRL's colocated sync names them; a
+    tied weight once, under its first name (vLLM's models skip lm_head.weight when the embeddings are tied).
+
+    A LoRA policy's layers come merged, W + delta W of the active adapters (peft's get_delta_weight), computed
+    for the copy only: peft's merge_adapter / unmerge_adapter would add and subtract delta W in place, and
+    leave the trained base weights off by rounding after every sync."""
+    modules = dict(policy.named_modules())
+    sent = set()
+    for name, tensor in policy.state_dict().items():
+        if "lora_" in name or "original_module" in name or tensor.data_ptr() in sent:
+            continue
+        sent.add(tensor.data_ptr())
+        layer = modules.get(name.removesuffix(".base_layer.weight")) if name.endswith(".base_layer.weight") else None
+        if layer is not None and hasattr(layer, "get_delta_weight") and not getattr(layer, "merged", False):
+            with torch.no_grad():
+                for adapter in layer.active_adapters:
+                    if adapter in getattr(layer, "lora_A", {}):
+                        tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        name = name.replace("modules_to_save.default.", "").replace("_checkpoint_wrapped_module.", "")
+        yield name, tensor
+
+
+def buckets(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive (name, CPU tensor) lists of at most `max_bytes` each (a larger tensor goes alone)."""
+    bucket, size = [], 0
+    for name, tensor in named:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor.detach().to("cpu", copy=True).contiguous()))
+        size += nbytes
+    if bucket:
+        yield bucket
 
 
 class VLLMBackend:
-    def __init__(self, policy: nn.Module, tokenizer, model_path: str, rollout_cfg):
+    """Sample with a colocated vLLM engine; `sync_weights` after every optimiser step."""
+
+    def __init__(self, policy: nn.Module, tokenizer, model_path: str, rollout_cfg, *, chat_template: bool = False,
+                 system_prompt: str | None = None, seed: int = 0):
         try:
-            from vllm import LLM, SamplingParams
-        except ImportError as e:  # pragma: no cover - depends on the optional extra
+            vllm = importlib.import_module("vllm")
+        except ImportError as e:  # depends on the optional extra
             raise ImportError("rollout.backend='vllm' needs vLLM: pip install 'tether[vllm]' (CUDA only)") from e
-        if not torch.cuda.is_available():
-            raise RuntimeError("rollout.backend='vllm' needs a CUDA GPU; use rollout.backend=hf on CPU")
+        check_version(getattr(vllm, "__version__", "0"))
+        require_cuda()
         self.tokenizer = tokenizer
         self.cfg = rollout_cfg
+        self.chat_template, self.system_prompt = chat_template, system_prompt
         self.eos = eos_ids(tokenizer, policy)
-        kwargs = dict(model=model_path, gpu_memory_utilization=rollout_cfg.vllm_gpu_memory_utilization,
-                      dtype="bfloat16", enable_prefix_caching=True)
-        try:
-            # Log-probs after temperature / top-k / top-p: the distribution tokens were drawn from.
-            self.llm = LLM(logprobs_mode="processed_logprobs", **kwargs)
-        except TypeError:
-            self.llm = LLM(**kwargs)
-        self.SamplingParams = SamplingParams
         self.policy = policy
+        self.SamplingParams = vllm.SamplingParams
+        self.sleeping = False
+        self.llm = vllm.LLM(model=model_path, dtype="bfloat16", seed=seed,
+                            gpu_memory_utilization=rollout_cfg.vllm_gpu_memory_utilization,
+                            enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+                            worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=rollout_cfg.vllm_sleep)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.cfg.max_new_tokens
 
     def sync_weights(self, policy: nn.Module) -> None:
-        """Push the current policy weights into vLLM's model (LoRA adapters merged in for the copy)."""
+        """Push the policy's weights into every vLLM worker, bucket by bucket (LoRA merged for the copy)."""
         self.policy = policy
-        lora = hasattr(policy, "merge_adapter")
-        if lora:
-            policy.merge_adapter()
-        try:
-            state = [(name.replace("base_model.model.", "").replace(".base_layer", ""), p.detach())
-                     for name, p in policy.state_dict().items() if "lora_" not in name]
-            runner_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-            runner_model.load_weights(state)
-        finally:
-            if lora:
-                policy.unmerge_adapter()
-        if hasattr(self.llm, "reset_prefix_cache"):
-            self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        if self.sleeping:
+            self.llm.wake_up(tags=["weights"])
+        max_bytes = int(self.cfg.vllm_sync_bucket_mb * 2**20)
+        for bucket in buckets(hf_weight_names(policy), max_bytes):
+            self.llm.collective_rpc("tether_load_weights", args=(bucket,))
+        if self.sleeping:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.sleeping = False
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
 
     @torch.no_grad()
-    def generate(self, rows: list[dict], prompts: list[str], *, group_size: int) -> Rollout:
+    def generate(self, rows: list[dict], prompts: list, *, group_size: int) -> Rollout:
         c = self.cfg
-        params = self.SamplingParams(n=1, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k or -1,
-                                     max_tokens=c.max_new_tokens, logprobs=0, stop=c.stop_strings or None,
-                                     seed=int(torch.randint(0, 2**31 - 1, ()).item()))
-        rep_prompts = [p for p in prompts for _ in range(group_size)]
-        rep_rows = [r for r in rows for _ in range(group_size)]
-        outputs = self.llm.generate(rep_prompts, params, use_tqdm=False)
-        enc = self.tokenizer(rep_prompts, padding=True, return_tensors="pt")
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
         device = next(self.policy.parameters()).device
-        T = max(max(len(o.outputs[0].token_ids) for o in outputs), 1)
-        pad = self.tokenizer.pad_token_id
-        comp = torch.full((len(outputs), T), pad, dtype=torch.long)
-        lps = torch.zeros(len(outputs), T)
-        gen_len = torch.zeros(len(outputs), dtype=torch.long)
-        for i, o in enumerate(outputs):
-            ids = list(o.outputs[0].token_ids)
-            comp[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            gen_len[i] = len(ids)
-            for t, (tok, lp) in enumerate(zip(ids, o.outputs[0].logprobs or [])):
-                lps[i, t] = lp[tok].logprob
-        mask, truncated = completion_mask(comp, self.eos, gen_len)
-        truncated = truncated & (gen_len >= c.max_new_tokens)
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, chat_template=self.chat_template,
+                                                 system_prompt=self.system_prompt, device=torch.device("cpu"))
+        token_prompts = [{"prompt_token_ids": ids[m.bool()].tolist()} for ids, m in zip(prompt_ids, prompt_mask)]
+        params = self.SamplingParams(n=group_size, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                                     max_tokens=c.max_new_tokens, logprobs=0, stop_token_ids=list(self.eos),
+                                     seed=int(torch.randint(0, 2**31 - 1, ()).item()), detokenize=False)
+        outputs = self.llm.generate(token_prompts, params, use_tqdm=False)
+        if c.vllm_sleep:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+        samples = [(i, o) for i, out in enumerate(outputs) for o in out.outputs]
+        T = max(max(len(o.token_ids) for _, o in samples), 1)
+        B = len(samples)
+        comp = torch.full((B, T), self.tokenizer.pad_token_id, dtype=torch.long)
+        lps = torch.zeros(B, T)
+        gen_len = torch.zeros(B, dtype=torch.long)
+        for b, (_, o) in enumerate(samples):
+            ids = list(o.token_ids)
+            comp[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            gen_len[b] = len(ids)
+            for t, (tok, lp) in enumerate(zip(ids, o.logprobs or [])):
+                lps[b, t] = lp[tok].logprob
+        mask, _ = completion_mask(comp, self.eos, gen_len)
+        truncated = torch.tensor([o.finish_reason == "length" for _, o in samples])
+        src = torch.tensor([i for i, _ in samples])
+        comp = torch.where(mask.bool(), comp, self.tokenizer.pad_token_id)
         return Rollout(
-            input_ids_BL=torch.cat([enc.input_ids, comp], 1).to(device),
-            attention_mask_BL=torch.cat([enc.attention_mask, mask.long()], 1).to(device),
-            prompt_len=enc.input_ids.shape[1], response_mask_BT=mask.to(device),
-            sampler_logprobs_BT=(lps * mask).to(device), truncated_B=truncated.to(device),
-            prompts=rep_prompts, completions=[o.outputs[0].text for o in outputs], rows=rep_rows,
-            group_size=group_size,
+            input_ids_BL=torch.cat([prompt_ids[src], comp], 1).to(device),
+            attention_mask_BL=torch.cat([prompt_mask[src], mask.long()], 1).to(device),
+            prompt_len=prompt_ids.shape[1], response_mask_BT=mask.to(device),
+            sampler_logprobs_BT=torch.where(mask.bool(), lps, 0.0).to(device), truncated_B=truncated.to(device),
+            prompts=[prompts[i] for i, _ in samples],
+            completions=self.tokenizer.batch_decode(comp, skip_special_tokens=True),
+            rows=[rows[i] for i, _ in samples], group_size=group_size,
         )

@@ -1,0 +1,196 @@
+"""A stand-in for the `vllm` package that implements exactly the calls tether's vLLM backend makes, with the
+names, signatures and semantics of vLLM 0.11.0's own source (entrypoints/llm.py, sampling_params.py,
+outputs.py, worker/worker_base.py), on CPU, with a Hugging Face copy of the model as its engine:
+
+- `LLM(model, *, dtype, seed, gpu_memory_utilization, **engine_args)`: only EngineArgs names that exist
+  are accepted; `worker_extension_cls` (a qualified name) is mixed into the worker class as vLLM's
+  WorkerWrapperBase.init_worker does, and its methods run with `self` the worker.
+- `collective_rpc(method, timeout=None, args=(), kwargs=None) -> list` (one result per worker); the
+  arguments must survive pickling, as they cross into the engine-core process.
+- the worker's `model_runner.model.load_weights(weights)` takes Hugging Face checkpoint names only and
+  returns the set of names loaded, as vLLM's models do.
+- `generate(prompts, sampling_params=None, *, use_tqdm=True, lora_request=None, priority=None)` with
+  TokensPrompt dicts; `RequestOutput.prompt_token_ids / .outputs[k].token_ids / .logprobs (list of
+  {token_id: Logprob}) / .finish_reason ("stop" | "length")`; with logprobs_mode="processed_logprobs" the
+  log-probs are of the distribution sampled from (temperature, then top-k, then top-p; 0 or -1 turn top-k
+  off).
+- `sleep(level=1)` (resets the prefix cache first), `wake_up(tags=None)` with tags "weights", "kv_cache",
+  `reset_prefix_cache(device=None) -> bool`. Generating or loading weights while the needed part sleeps
+  is an error here (on a GPU it would read freed memory).
+
+Every call is appended to `LLM.calls` so tests can check the sequence.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import types
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+__version__ = "0.11.0"
+
+ENGINE_ARGS = {"max_model_len", "enable_prefix_caching", "logprobs_mode", "worker_extension_cls",
+               "enable_sleep_mode", "max_num_batched_tokens", "distributed_executor_backend"}
+LOGPROBS_MODES = ("raw_logits", "raw_logprobs", "processed_logits", "processed_logprobs")
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    seed: int | None = None
+    stop: list | None = None
+    stop_token_ids: list | None = None
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (disable), or at least 1, got {self.top_k}.")
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list
+    cumulative_logprob: float | None
+    logprobs: list | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list
+    outputs: list = field(default_factory=list)
+    finished: bool = True
+
+
+class FakeModel:
+    """vLLM's model as load_weights sees it: Hugging Face names in, the set of names loaded out."""
+
+    def __init__(self, hf_model):
+        self.hf = hf_model
+
+    def load_weights(self, weights) -> set[str]:
+        params = self.hf.state_dict(keep_vars=True)  # tied weights under each of their names
+        loaded = set()
+        with torch.no_grad():
+            for name, tensor in weights:
+                target = params.get(name)
+                if target is None:
+                    raise KeyError(f"{name!r} is not a weight of this model")
+                target.copy_(tensor)
+                loaded.add(name)
+        return loaded
+
+
+class WorkerBase:
+    def __init__(self, hf_model):
+        self.model_runner = types.SimpleNamespace(model=FakeModel(hf_model))
+
+
+class LLM:
+    def __init__(self, model: str, *, dtype="auto", seed=None, gpu_memory_utilization: float = 0.9, **kwargs):
+        unknown = set(kwargs) - ENGINE_ARGS
+        if unknown:
+            raise TypeError(f"EngineArgs.__init__() got unexpected keyword arguments {sorted(unknown)}")
+        mode = kwargs.get("logprobs_mode", "raw_logprobs")
+        if mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode {mode!r}")
+        self.engine_args = dict(kwargs, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization)
+        self.calls: list[tuple] = [("LLM", model)]
+        self.hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        self.processed = mode.startswith("processed")
+        bases = [WorkerBase]
+        ext = kwargs.get("worker_extension_cls", "")
+        if ext:
+            module, _, name = ext.rpartition(".")
+            bases.insert(0, getattr(importlib.import_module(module), name))
+        self.worker = type("Worker", tuple(bases), {})(self.hf)
+        self.sleep_mode = kwargs.get("enable_sleep_mode", False)
+        self.asleep: set[str] = set()
+
+    def collective_rpc(self, method, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None):
+        self.calls.append(("collective_rpc", method if isinstance(method, str) else method.__name__))
+        if "weights" in self.asleep:
+            raise RuntimeError("collective_rpc into sleeping weights: wake_up(tags=['weights']) first")
+        args, kwargs = pickle.loads(pickle.dumps((args, kwargs or {})))  # what reaches the engine core
+        fn = getattr(self.worker, method) if isinstance(method, str) else types.MethodType(method, self.worker)
+        return [fn(*args, **kwargs)]
+
+    def sleep(self, level: int = 1) -> None:
+        if not self.sleep_mode:
+            raise RuntimeError("sleep() needs LLM(enable_sleep_mode=True)")
+        self.reset_prefix_cache()
+        self.calls.append(("sleep", level))
+        self.asleep = {"weights", "kv_cache"}
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.calls.append(("wake_up", tuple(tags) if tags else None))
+        for tag in tags or ("weights", "kv_cache"):
+            if tag not in ("weights", "kv_cache"):
+                raise ValueError(f"unknown tag {tag!r}")
+            self.asleep.discard(tag)
+
+    def reset_prefix_cache(self, device=None) -> bool:
+        self.calls.append(("reset_prefix_cache",))
+        return True
+
+    @torch.no_grad()
+    def generate(self, prompts, sampling_params=None, *, use_tqdm=True, lora_request=None, priority=None):
+        self.calls.append(("generate", len(prompts)))
+        if self.asleep:
+            raise RuntimeError(f"generate while {sorted(self.asleep)} sleep: wake_up() first")
+        p = sampling_params or SamplingParams()
+        g = torch.Generator().manual_seed(p.seed if p.seed is not None else 0)
+        warpers = [TemperatureLogitsWarper(p.temperature)] if p.temperature != 1.0 else []
+        if p.top_k > 0:
+            warpers.append(TopKLogitsWarper(p.top_k))
+        if p.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(p.top_p))
+        stops = set(p.stop_token_ids or []) | {self.hf.config.eos_token_id}
+        results = []
+        for r, prompt in enumerate(prompts):
+            if not isinstance(prompt, dict) or "prompt_token_ids" not in prompt:
+                raise TypeError("this contract expects token-in prompts: {'prompt_token_ids': [...]}")
+            outs = []
+            for k in range(p.n):
+                ids, lps, finish = list(prompt["prompt_token_ids"]), [], "length"
+                for _ in range(p.max_tokens):
+                    raw = self.hf(torch.tensor([ids])).logits[:, -1].float()
+                    scores = raw
+                    for w in warpers:
+                        scores = w(None, scores)
+                    logp = torch.log_softmax(scores, -1)
+                    tok = int(torch.multinomial(logp.exp(), 1, generator=g))
+                    ids.append(tok)
+                    recorded = logp if self.processed else torch.log_softmax(raw, -1)
+                    lps.append({tok: Logprob(recorded[0, tok].item(), rank=1)})
+                    if tok in stops:
+                        finish = "stop"
+                        break
+                gen = ids[len(prompt["prompt_token_ids"]):]
+                outs.append(CompletionOutput(index=k, text="", token_ids=gen, cumulative_logprob=None,
+                                             logprobs=lps if p.logprobs is not None else None,
+                                             finish_reason=finish))
+            results.append(RequestOutput(str(r), None, list(prompt["prompt_token_ids"]), outs))
+        return results
