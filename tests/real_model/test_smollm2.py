@@ -230,3 +230,13 @@ def test_episodes_through_the_real_chat_template(smollm2_small, env):
         assert m["episode/turns_mean"] > 1 and 0 < m["episode/env_token_frac"] < 1
         assert any("higher" in msg["content"] or "lower" in msg["content"] or "a number" in msg["content"]
                    for conv in r.conversations for msg in conv if msg["role"] == "user")
+
+
+@requires_smollm2
+def test_the_reward_model_path_takes_model_sources_too(smollm2_dir):
+    """`reward.reward_model` resolves a builtin: name (or a .gguf file) like model.path; SmolLM2 is a causal
+    LM, so it is then refused for what it is, not for its path."""
+    from tether.rewards.reward_model import RewardModelScorer
+
+    with pytest.raises(ValueError, match="num_labels=.*a reward model needs exactly one output"):
+        RewardModelScorer("builtin:smollm2-135m-instruct")

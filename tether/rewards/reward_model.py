@@ -99,7 +99,9 @@ class RewardModelScorer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if clip is not None and not clip > 0:
             raise ValueError(f"clip must be positive or None, got {clip}")
-        path = Path(path)
+        from tether.model_sources import resolve_model_source
+
+        path = Path(resolve_model_source(str(path)))  # a .gguf file or builtin: name is imported first
         if not path.is_dir():
             raise ValueError(f"reward model path {str(path)!r} is not a directory")
         # Check the head before loading weights: a causal LM or a multi-class classifier is not a reward model.

@@ -124,7 +124,10 @@ class VLLMBackend:
         self.policy = policy
         self.SamplingParams = vllm.SamplingParams
         self.sleeping = False
-        self.llm = vllm.LLM(model=model_path, dtype="bfloat16", seed=seed,
+        from tether.model_sources import resolve_model_source
+
+        # A .gguf file or builtin: name is imported once into a plain HF directory, as for the trainer.
+        self.llm = vllm.LLM(model=resolve_model_source(model_path), dtype="bfloat16", seed=seed,
                             gpu_memory_utilization=rollout_cfg.vllm_gpu_memory_utilization,
                             enable_prefix_caching=True, logprobs_mode="processed_logprobs",
                             worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=rollout_cfg.vllm_sleep)
