@@ -213,7 +213,9 @@ def test_distillation_needs_a_teacher_with_the_same_vocabulary(llama, tmp_path):
     tok = AutoTokenizer.from_pretrained(str(other))
     tok.add_tokens(["<extra>"])
     tok.save_pretrained(str(other))
-    with pytest.raises(ConfigError, match="its tokenizer differs from the policy's"):
+    from tether.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="its tokenizer differs from the policy's"):
         make_trainer(llama, "opd", **{"model.teacher_path": str(other)})
     with pytest.raises(ConfigError, match="opd distils a teacher into the policy: set model.teacher_path"):
         make_trainer(llama, "opd")

@@ -107,14 +107,12 @@ def build_models(cfg: TrainConfig, device: torch.device, dist: Dist) -> RunModel
 
 def load_teacher(path: str, tokenizer, cfg: TrainConfig, device: torch.device) -> nn.Module:
     """The distillation teacher; it must read and write the policy's tokens (the same vocabulary)."""
-    from tether.config import ConfigError
-
     m = cfg.model
     teacher_tok = models.load_tokenizer(path, trust_remote_code=m.trust_remote_code)
     if teacher_tok.get_vocab() != tokenizer.get_vocab():
         ours, theirs = tokenizer.get_vocab(), teacher_tok.get_vocab()
         differ = sorted(set(ours.items()) ^ set(theirs.items()), key=str)[:3]
-        raise ConfigError(f"model.teacher_path={path!r}: its tokenizer differs from the policy's ({len(theirs)} "
+        raise models.ModelLoadError(f"model.teacher_path={path!r}: its tokenizer differs from the policy's ({len(theirs)} "
                           f"tokens against {len(ours)}; e.g. {differ}): on-policy distillation compares the "
                           "two models' log-probs of the same token ids, so both need the same vocabulary")
     return models.load_causal_lm(path, dtype=m.frozen_dtype_name(), trust_remote_code=m.trust_remote_code,
