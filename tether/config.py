@@ -125,6 +125,12 @@ class RolloutConfig:
                                       "sampling. Off under autocast and rollout.compile.")
     logprob_tolerance: float = knob(1e-3, "Max |sampler - trainer| log-prob gap tolerated before a warning.",
                                     gt=0)
+    max_staleness: int = knob(0, "Asynchronous rollouts: a worker process samples the next batches from a policy "
+                                 "at most this many updates old while the trainer updates (pi_old recomputed, "
+                                 "algorithm.tis_cap weights the behaviour/proximal gap). 0: the synchronous "
+                                 "loop.", ge=0)
+    async_threads: int = knob(1, "Asynchronous rollouts: CPU threads of the generation worker (the trainer "
+                                 "keeps `threads`).", ge=1)
     vllm_gpu_memory_utilization: float = knob(0.3, "vLLM backend: share of GPU memory for its KV cache.",
                                               gt=0, le=1)
     vllm_sleep: bool = knob(False, "vLLM backend: sleep mode around the update (vLLM's weights to host memory "
@@ -587,6 +593,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("algorithm.kl_estimator=full is the KL of the whole softmax; with rollout.top_k / "
                           "top_p the policy samples from a truncated one: use k1/k2/k3 there (they are exact "
                           "for the truncated policy)")
+    if r.max_staleness > 0:
+        clash = [name for name, on in (("env.name (episodes)", cfg.env.name is not None),
+                                       ("algorithm.filter_groups (refill)", a.filter_groups),
+                                       (f"rollout.backend={r.backend}", r.backend != "hf")) if on]
+        if clash:
+            raise ConfigError(f"rollout.max_staleness={r.max_staleness} (asynchronous rollouts) does not work with "
+                              f"{', '.join(clash)} yet; use rollout.max_staleness=0 there")
     if a.overlong_buffer is not None and a.overlong_buffer > r.max_new_tokens:
         raise ConfigError(f"algorithm.overlong_buffer={a.overlong_buffer} is longer than the length budget "
                           f"rollout.max_new_tokens={r.max_new_tokens}: it must fit inside it (DAPO: a fifth).")
@@ -606,6 +619,8 @@ def validate_for_world(cfg: TrainConfig, world_size: int) -> None:
                           "FSDP shards: use rollout.weights_dtype=policy with distributed.strategy=fsdp")
     if world_size == 1:
         return
+    if r.max_staleness > 0:
+        raise ConfigError("rollout.max_staleness > 0 (asynchronous rollouts) runs on one process for now")
     if m.master_weights:
         raise ConfigError("model.master_weights=true runs on one process for now: use model.autocast="
                           "bfloat16 with several ranks")

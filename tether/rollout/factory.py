@@ -19,14 +19,33 @@ def make_backend(cfg: TrainConfig, policy: torch.nn.Module, tokenizer, *, autoca
                            system_prompt=m.system_prompt, seed=cfg.seed)
     from tether.rollout.hf import HFGenerateBackend
 
-    return HFGenerateBackend(policy, tokenizer, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                             top_p=r.top_p, top_k=r.top_k, stop_strings=r.stop_strings,
-                             micro_batch_size=r.micro_batch_size, chat_template=m.chat_template,
-                             system_prompt=m.system_prompt,
-                             autocast_dtype=autocast_dtype, weights_dtype=sampler_weights_dtype(cfg, fsdp),
-                             compile_backend="inductor" if r.compile else None,
-                             decode_attention=r.decode_attention, packed_linears=r.packed_linears,
-                             share_prompts=sampler_share_prompts(cfg.optim.share_prompts, fsdp=fsdp))
+    return HFGenerateBackend(policy, tokenizer, **hf_backend_kwargs(cfg, autocast_dtype=autocast_dtype, fsdp=fsdp))
+
+
+def hf_backend_kwargs(cfg: TrainConfig, *, autocast_dtype: torch.dtype | None, fsdp: bool) -> dict:
+    """HFGenerateBackend's settings from the config (also what the asynchronous worker builds its own with)."""
+    r, m = cfg.rollout, cfg.model
+    return dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                stop_strings=r.stop_strings, micro_batch_size=r.micro_batch_size, chat_template=m.chat_template,
+                system_prompt=m.system_prompt, autocast_dtype=autocast_dtype,
+                weights_dtype=sampler_weights_dtype(cfg, fsdp),
+                compile_backend="inductor" if r.compile else None, decode_attention=r.decode_attention,
+                packed_linears=r.packed_linears,
+                share_prompts=sampler_share_prompts(cfg.optim.share_prompts, fsdp=fsdp))
+
+
+def make_async_generator(cfg: TrainConfig, policy: torch.nn.Module, tokenizer, *,
+                         autocast_dtype: torch.dtype | None):
+    """The generation worker for rollout.max_staleness > 0 (None for the synchronous loop)."""
+    r = cfg.rollout
+    if r.max_staleness == 0:
+        return None
+    from tether.rollout.async_worker import AsyncGenerator
+
+    kwargs = hf_backend_kwargs(cfg, autocast_dtype=autocast_dtype, fsdp=False)
+    kwargs["weights_dtype"] = None  # the worker's shared copy is its own copy already
+    return AsyncGenerator(policy, tokenizer, backend_kwargs=kwargs, max_staleness=r.max_staleness,
+                          threads=r.async_threads, seed=cfg.seed + 1, group_size=r.group_size)
 
 
 def make_episode_runner(cfg: TrainConfig, tokenizer, *, context_window: int | None):

@@ -29,6 +29,7 @@ class CollectInfo:
 
     seconds: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "score": 0.0})
     filtered_groups: int = 0
+    staleness: int | None = None  # asynchronous rollouts: updates between the sampling policy and this one
 
 
 def score(rollout: Rollout, reward: Callable | None, device: torch.device, *, conversation: bool = False,
@@ -98,13 +99,16 @@ def filter_uniform_groups(rollout: Rollout) -> tuple[Rollout, int]:
 
 
 def collect(cfg: TrainConfig, sampler, backend, reward: Callable | None, dist: Dist, *, pad_token_id: int,
-            device: torch.device, healthy: bool = True, episodes: EpisodeRunner | None = None
-            ) -> tuple[Rollout, CollectInfo]:
+            device: torch.device, healthy: bool = True, episodes: EpisodeRunner | None = None,
+            async_generator=None) -> tuple[Rollout, CollectInfo]:
     """This rank's scored rollout of the step (prompts_per_step / ranks prompts x group_size completions, or
-    with `episodes`, group_size episodes of each row)."""
+    with `episodes`, group_size episodes of each row). With `async_generator` (rollout.max_staleness > 0)
+    the batch comes from the generation worker, sampled up to max_staleness updates ago."""
     a, r = cfg.algorithm, cfg.rollout
     if reward is None and episodes is None and cfg.model.teacher_path is None:
         raise TrainingError("no reward to score completions with")
+    if async_generator is not None:
+        return _collect_async(cfg, sampler, async_generator, reward, device)
     wanted = r.prompts_per_step // dist.world_size
     info = CollectInfo()
     kept: list[Rollout] = []
@@ -135,6 +139,32 @@ def collect(cfg: TrainConfig, sampler, backend, reward: Callable | None, dist: D
                             "(algorithm.filter_groups): nothing to learn from; check the reward")
     if a.overlong_filter:
         rollout.in_loss_B = ~rollout.truncated_B
+    return rollout, info
+
+
+def _collect_async(cfg: TrainConfig, sampler, async_generator, reward: Callable | None, device: torch.device
+                   ) -> tuple[Rollout, CollectInfo]:
+    from tether.rollout.async_worker import WorkerError
+
+    info = CollectInfo()
+    t0 = time.perf_counter()
+    try:
+        stale = async_generator.next(sampler)
+    except WorkerError as e:
+        raise TrainingError(str(e)) from None
+    info.seconds["generate"] = time.perf_counter() - t0  # the wait: generation overlapped the last update
+    info.staleness = async_generator.published - stale.version
+    rollout = stale.rollout
+    for name in ("input_ids_BL", "attention_mask_BL", "response_mask_BT", "sampler_logprobs_BT", "truncated_B"):
+        setattr(rollout, name, getattr(rollout, name).to(device))
+    t0 = time.perf_counter()
+    score(rollout, reward, device, conversation=cfg.reward.conversation, system_prompt=cfg.model.system_prompt)
+    if cfg.algorithm.overlong_buffer is not None:
+        add_overlong_penalty(rollout, max_len=cfg.rollout.max_new_tokens, buffer=cfg.algorithm.overlong_buffer,
+                             factor=cfg.algorithm.overlong_penalty)
+    if cfg.algorithm.overlong_filter:
+        rollout.in_loss_B = ~rollout.truncated_B
+    info.seconds["score"] = time.perf_counter() - t0
     return rollout, info
 
 

@@ -30,7 +30,7 @@ from tether import models
 from tether.config import TrainConfig, dump_yaml, validate_for_world
 from tether.core.kl import AdaptiveKLController, FixedKLController
 from tether.rollout.batch import Rollout
-from tether.rollout.factory import make_backend, make_episode_runner
+from tether.rollout.factory import make_async_generator, make_backend, make_episode_runner
 from tether.train.advantages import compute_advantages
 from tether.train.collect import collect, rows_that_fit
 from tether.train.distributed import Dist
@@ -110,6 +110,9 @@ class Trainer:
         self.sampler = PromptSampler(self.rows, batch_size=cfg.rollout.prompts_per_step, seed=cfg.seed,
                                      shuffle=cfg.data.shuffle)
         self.health = Health(cfg.optim.max_bad_steps, cfg.optim.max_weight_growth, cfg.optim.lr)
+        # rollout.max_staleness > 0: a worker process samples ahead (rollout/async_worker.py); close() stops it.
+        self.async_generator = make_async_generator(cfg, self.models.policy, self.tokenizer,
+                                                    autocast_dtype=self.models.autocast_dtype)
         self.step_count = 0
         self._first_step_memory_released = False
         if self.run_dir is not None and self.dist.is_main:
@@ -152,7 +155,7 @@ class Trainer:
         # 1. collect: sample and score
         rollout, info = collect(cfg, self.sampler, self.backend, self.reward, dist, device=self.device,
                                 pad_token_id=self.tokenizer.pad_token_id, healthy=self.health.healthy,
-                                episodes=self.episodes)
+                                episodes=self.episodes, async_generator=self.async_generator)
         timing.update(info.seconds)
         B = len(rollout)
         first_epoch_order = self.minibatch_order(B, epoch=0)
@@ -180,7 +183,10 @@ class Trainer:
             counts, cause = update(rollout, first_epoch_order, acc, cfg=cfg, run=run, dist=dist, opt=self.opt,
                                    beta=self.beta, order_for_epoch=lambda epoch: self.minibatch_order(B, epoch))
             stats.update(counts)
-            self.backend.sync_weights(run.policy)  # a no-op for HF generate; vLLM gets the new weights
+            if self.async_generator is not None:  # the worker samples from these from its next batch on
+                self.async_generator.publish(run.policy)
+            else:
+                self.backend.sync_weights(run.policy)  # a no-op for HF generate; vLLM gets the new weights
             timing["update"] = time.perf_counter() - t0
 
             # 5. adapt beta from the KL per token measured on this batch (Ziegler et al. 2019)
@@ -193,6 +199,8 @@ class Trainer:
         stats.update(rollout_stats(rollout, dist))
         if cfg.algorithm.filter_groups:
             stats["rollout/filtered_groups"] = float(info.filtered_groups)
+        if info.staleness is not None:
+            stats["rollout/staleness"] = float(info.staleness)
         stats["kl/beta"] = self.beta
         for k, v in timing.items():
             stats[f"time/{k}"] = v
@@ -212,7 +220,10 @@ class Trainer:
     # checkpoints
 
     def state(self) -> dict:
-        return {"step": self.step_count, "sampler": self.sampler.state_dict(),
+        # Asynchronous rollouts: the rows of batches still in flight are drawn again on resume.
+        sampler = (self.async_generator.resume_state(self.sampler) if self.async_generator is not None
+                   else self.sampler.state_dict())
+        return {"step": self.step_count, "sampler": sampler,
                 "kl_controller": self.kl_ctl.state_dict(), **self.health.state_dict()}
 
     def save(self, keep_last: int) -> Path | None:
@@ -241,6 +252,11 @@ class Trainer:
                                        tokenizer=self.tokenizer, rng_states=rng_states)
         self.dist.barrier()
         return path
+
+    def close(self) -> None:
+        """Stop what runs beside the trainer (the asynchronous generation worker); safe to call twice."""
+        if self.async_generator is not None:
+            self.async_generator.close()
 
     def load(self, path: str | Path) -> None:
         """Resume from a checkpoint written at any number of ranks. Every rank reads it: DDP replicas load

@@ -41,19 +41,20 @@ def sampler_is_exact(cfg: TrainConfig, backend) -> bool:
     sampler's cached decode and the trainer's forward (logits equal up to float order): pi_old gets its
     own pass there, so that the first minibatch's ratio is exactly 1."""
     r = cfg.rollout
-    return (r.top_k == 0 and r.top_p >= 1.0 and r.backend == "hf"
+    return (r.top_k == 0 and r.top_p >= 1.0 and r.backend == "hf" and r.max_staleness == 0
             and not getattr(backend, "samples_from_copy", False))
 
 
 def needs_old_pass(cfg: TrainConfig, run: RunModels, exact_sampler: bool) -> bool:
     """pi_old needs its own pass unless the first minibatch's forward can stand for it: more than one update
-    per step, a shared critic (whose old values come with it), KL in the reward from an inexact sampler or
+    per step, a shared critic (whose old values come with it), asynchronous rollouts (the sampler's policy is
+    older than pi_old, which is recomputed: decoupled PPO), KL in the reward from an inexact sampler or
     over the full vocabulary (pi_old's logits meet the reference's there), distillation's sampled reward
     from an inexact sampler, or high-entropy token selection (it ranks pi_old's entropies before the
     update)."""
     a = cfg.algorithm
     distills = run.teacher is not None
-    return (run.shared_critic or a.epochs * a.minibatches > 1 or a.entropy_top_fraction is not None
+    return (run.shared_critic or cfg.rollout.max_staleness > 0 or a.epochs * a.minibatches > 1 or a.entropy_top_fraction is not None
             or full_kl_in_reward(cfg) or (distills and a.distill_estimator == "k1" and not exact_sampler)
             or (a.kl_mode == "reward" and uses_reference(cfg) and not exact_sampler))
 
@@ -71,6 +72,18 @@ def log_mismatch(acc: StatAccumulator, trainer_lp: torch.Tensor, sampler_lp: tor
     gap = (trainer_lp - sampler_lp).abs() * mask
     acc.maximum("rollout/logprob_mismatch_max", gap.max())
     acc.mean("rollout/logprob_mismatch_mean", gap.sum() / mask.sum().clamp(min=1), mask.sum())
+
+
+def log_behaviour_gap(acc: StatAccumulator, proximal_lp: torch.Tensor, behaviour_lp: torch.Tensor,
+                      mask: torch.Tensor) -> None:
+    """Asynchronous rollouts: KL(behaviour || proximal) per token, estimated as the mean of log pi_behaviour -
+    log pi_old on the behaviour's samples (k1), and the importance weights pi_old / pi_behaviour that
+    algorithm.tis_cap truncates."""
+    n = mask.sum()
+    w = torch.exp(proximal_lp - behaviour_lp)
+    acc.mean("rollout/behaviour_kl", ((behaviour_lp - proximal_lp) * mask).sum() / n.clamp(min=1), n)
+    acc.mean("rollout/is_weight_mean", (w * mask).sum() / n.clamp(min=1), n)
+    acc.maximum("rollout/is_weight_max", (w * mask).max())
 
 
 @torch.no_grad()
@@ -110,8 +123,11 @@ def no_grad_passes(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatA
                 scatter_rows(rollout.full_kl_BT, mb, full_kl)
             if values is not None:
                 scatter_rows(rollout.old_values_BT, mb, values)
-            log_mismatch(acc, lp, gather_rows(rollout.sampler_logprobs_BT, mb)
-                         if rollout.sampler_logprobs_BT is not None else None, mb.response_mask)
+            behaviour = (gather_rows(rollout.sampler_logprobs_BT, mb) if rollout.sampler_logprobs_BT is not None
+                         else None)
+            log_mismatch(acc, lp, behaviour, mb.response_mask)
+            if r.max_staleness > 0 and behaviour is not None:
+                log_behaviour_gap(acc, lp, behaviour, mb.response_mask)
     if uses_reference(cfg):
         rollout.ref_logprobs_BT = torch.zeros(B, T, device=device)
         with run.reference.active() as ref_model:

@@ -311,6 +311,7 @@ def run_training(cfg: TrainConfig, *, rows: list[dict] | None = None, reward_fun
                 result.checkpoint = save() or result.checkpoint
     finally:
         logger.close()
+        trainer.close()
     return result
 
 

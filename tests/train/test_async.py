@@ -1,0 +1,99 @@
+"""Asynchronous rollouts (rollout.max_staleness): a generation worker process samples ahead from a policy at
+most k updates old; pi_old is recomputed (decoupled PPO); the worker stops with the run and its errors reach
+the trainer; a resumed run neither loses nor repeats data rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import PROMPTS, digit_fraction
+
+from tether.config import ConfigError, resolve_config
+from tether.rewards.functions import RewardScorer
+from tether.train.loop import Trainer, TrainingError
+
+
+def make_trainer(path, run_dir=None, **over) -> Trainer:
+    raw = {"model": {"path": path}, "algorithm": {"name": "grpo"}, "steps": 4, "seed": 0,
+           "rollout": {"max_new_tokens": 4, "prompts_per_step": 4, "group_size": 2},
+           "optim": {"lr": 1e-2}, "logging": {"progress": False}}
+    cfg = resolve_config(raw, [f"{k}={v}" for k, v in over.items()])
+    return Trainer(cfg, rows=PROMPTS, reward_fn=RewardScorer([(digit_fraction, 1.0)]), run_dir=run_dir)
+
+
+def prompts_of(rollout) -> list[str]:
+    return rollout.prompts[::rollout.group_size]
+
+
+def test_batches_are_one_update_stale_and_pi_old_is_recomputed(llama):
+    t = make_trainer(llama, **{"rollout.max_staleness": 1, "algorithm.tis_cap": 2.0})
+    try:
+        results = [t.step() for _ in range(4)]
+    finally:
+        t.close()
+    ms = [r.metrics for r in results]
+    # Batch 1 is sampled before any update; batch 2 while the first update runs (still version 0), and so
+    # on: each later batch is trained one update after the policy that sampled it.
+    assert [m["rollout/staleness"] for m in ms] == [0.0, 1.0, 1.0, 1.0]
+    assert ms[0]["rollout/logprob_mismatch_max"] < 1e-4  # version 0 on both sides: the same policy
+    for m in ms:
+        assert m["policy/first_minibatch_ratio_dev"] == 0.0  # the ratio is against the recomputed pi_old
+        assert all(math.isfinite(v) for k, v in m.items() if "rate" not in k), m
+    # Stale batches: the behaviour policy is not the proximal one, and the weights say by how much.
+    assert max(m["rollout/logprob_mismatch_mean"] for m in ms[1:]) > 1e-3
+    assert any(m["rollout/is_weight_max"] != 1.0 for m in ms[1:])
+    assert t.async_generator.process is None
+
+
+def test_the_workers_error_reaches_the_trainer_and_the_worker_is_gone(llama):
+    t = make_trainer(llama, **{"rollout.max_staleness": 1})
+    process = t.async_generator.process
+    t.async_generator.requests.put((-1, [{"no prompt here": 1}], 2))  # a batch the worker cannot sample
+    with pytest.raises(TrainingError, match="the generation worker failed:(.|\n)*KeyError: 'prompt'"):
+        t.step()
+    t.close()
+    process.join(timeout=10)
+    assert not process.is_alive()
+
+
+def test_resumed_async_run_continues_the_data_order(llama, tmp_path):
+    sync = make_trainer(llama)
+    want = [p for _ in range(4) for p in prompts_of(sync.step().rollout)]
+
+    t = make_trainer(llama, run_dir=tmp_path / "run", **{"rollout.max_staleness": 1})
+    try:
+        got = [p for _ in range(2) for p in prompts_of(t.step().rollout)]
+        checkpoint = t.save(keep_last=1)  # a batch is in flight: its rows are drawn again on resume
+    finally:
+        t.close()
+    resumed = make_trainer(llama, run_dir=tmp_path / "run", **{"rollout.max_staleness": 1})
+    try:
+        resumed.load(checkpoint)
+        got += [p for _ in range(2) for p in prompts_of(resumed.step().rollout)]
+    finally:
+        resumed.close()
+    assert got == want
+
+
+def test_async_rollouts_refuse_what_they_do_not_support_yet(llama):
+    with pytest.raises(ConfigError, match="does not work with algorithm.filter_groups"):
+        make_trainer(llama, **{"rollout.max_staleness": 1, "algorithm.name": "dapo"})
+    from tether.config import validate_for_world
+
+    raw = resolve_config({"model": {"path": llama}, "rollout": {"max_staleness": 1}}, [])
+    with pytest.raises(ConfigError, match="runs on one process for now"):
+        validate_for_world(raw, 2)
+
+
+def test_staleness_zero_is_the_synchronous_loop(llama):
+    a = make_trainer(llama)
+    ma = a.step().metrics  # one after the other: each Trainer seeds the global RNG it samples with
+    b = make_trainer(llama, **{"rollout.max_staleness": 0})
+    mb = b.step().metrics
+    assert a.async_generator is None and b.async_generator is None
+    drop = {"time/", "throughput/"}
+    assert {k: v for k, v in ma.items() if not k.startswith(tuple(drop))} == \
+           {k: v for k, v in mb.items() if not k.startswith(tuple(drop))}
+    assert torch.equal(next(a.policy.parameters()), next(b.policy.parameters()))

@@ -1,0 +1,158 @@
+"""Asynchronous rollouts: a generation worker process that samples the next batches while the trainer
+updates on the current one, from a policy at most `rollout.max_staleness` updates old.
+
+Why a process: a decode step is dispatch-bound and gains little from a second core, the update is
+matmul-bound; one core sampling while the other trains beats running both stages in turn on two cores
+(and a thread would share the trainer's interpreter lock for generate's per-token Python).
+
+How, on one machine:
+- Weights. The worker samples from its own copy of the policy whose tensors live in shared memory
+  (`share_memory_`), so after each optimiser step the trainer writes the new weights straight into it:
+  no file, no pickling. A lock keeps a batch from being sampled while the weights change under it: the
+  worker holds it for each batch, the trainer takes it to publish, so a batch sees one version whole.
+  Every batch is tagged with the version (optimiser updates published) it was sampled from.
+- Data. The trainer keeps drawing rows from its own data sampler, k + 1 batches ahead, and sends them; the
+  data order is the synchronous loop's. The data sampler's state before each batch in flight is kept, so
+  a checkpoint records the state of the first batch not yet trained on: batches in flight are discarded
+  on resume and drawn again (the same rows, sampled anew by the resumed policy), so no row is lost or
+  repeated.
+- Off-policy correction (decoupled PPO, Hilton et al. 2022): the trainer recomputes pi_old with its own
+  pre-update weights (the proximal policy) for every batch; the worker's recorded log-probs are the
+  behaviour policy's, and `algorithm.tis_cap` weights each token by min(pi_old / pi_behaviour, cap).
+- Shutdown. `close()` (also at interpreter exit) stops the worker and joins it; the worker exits with its
+  parent (PR_SET_PDEATHSIG on Linux) and on any error, which reaches the trainer as an exception naming it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import queue
+import traceback
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from tether.rollout.batch import Rollout
+
+
+class WorkerError(RuntimeError):
+    """The generation worker failed or stopped; the message carries its traceback."""
+
+
+@dataclass
+class StaleRollout:
+    rollout: Rollout
+    version: int        # optimiser updates published before the batch was sampled
+    sampler_state: dict  # the data sampler's state before this batch's rows were drawn
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_main(model, tokenizer, backend_kwargs, threads, seed, requests, results, lock, version) -> None:
+    _die_with_parent()
+    try:
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        from tether.rollout.hf import HFGenerateBackend
+
+        backend = HFGenerateBackend(model, tokenizer, **backend_kwargs)
+        while True:
+            request = requests.get()
+            if request is None:
+                return
+            request_id, rows, group_size = request
+            with lock:  # the weights cannot change under a batch
+                v = version.value
+                rollout = backend.generate(rows, [row["prompt"] for row in rows], group_size=group_size)
+            results.put(("ok", request_id, v, rollout))
+    except BaseException:  # noqa: BLE001 - everything must reach the trainer
+        results.put(("error", None, None, traceback.format_exc()))
+
+
+class AsyncGenerator:
+    """The trainer's side of the worker: keeps `max_staleness + 1` batches in flight, hands them over oldest
+    first, publishes new weights, and stops the worker."""
+
+    def __init__(self, policy: nn.Module, tokenizer, *, backend_kwargs: dict, max_staleness: int, threads: int,
+                 seed: int, group_size: int, timeout_s: float = 3600.0):
+        if max_staleness < 1:
+            raise ValueError("max_staleness must be >= 1 for asynchronous rollouts")
+        self.max_staleness, self.group_size, self.timeout_s = max_staleness, group_size, timeout_s
+        self.copy = copy.deepcopy(policy).eval().requires_grad_(False)
+        for t in list(self.copy.parameters()) + list(self.copy.buffers()):
+            t.share_memory_()
+        ctx = mp.get_context("spawn")  # no fork of a process that already runs torch threads
+        self.requests, self.results = ctx.Queue(), ctx.Queue()
+        self.lock = ctx.Lock()
+        self.version = ctx.Value("q", 0, lock=False)  # written under self.lock only
+        self.in_flight: deque[tuple[int, dict]] = deque()
+        self.next_id = 0
+        self.process = ctx.Process(target=_worker_main, daemon=True, name="tether-generate",
+                                   args=(self.copy, tokenizer, backend_kwargs, threads, seed, self.requests,
+                                         self.results, self.lock, self.version))
+        self.process.start()
+        atexit.register(self.close)
+
+    @property
+    def published(self) -> int:
+        return self.version.value
+
+    def next(self, sampler) -> StaleRollout:
+        """The oldest batch in flight (after topping the flight up with new rows from `sampler`)."""
+        while len(self.in_flight) < self.max_staleness + 1:
+            state = sampler.state_dict()
+            rows = sampler.next_batch()
+            self.requests.put((self.next_id, rows, self.group_size))
+            self.in_flight.append((self.next_id, state))
+            self.next_id += 1
+        want, state = self.in_flight.popleft()
+        try:
+            kind, got, version, payload = self.results.get(timeout=self.timeout_s)
+        except queue.Empty:
+            raise WorkerError(f"the generation worker sent nothing for {self.timeout_s:.0f} s") from None
+        if kind == "error":
+            self.close()
+            raise WorkerError(f"the generation worker failed:\n{payload}")
+        if got != want:  # the queue is FIFO on both sides; anything else is a bug
+            raise WorkerError(f"the generation worker answered request {got}, expected {want}")
+        return StaleRollout(payload, version, state)
+
+    def resume_state(self, sampler) -> dict:
+        """The data sampler's state to checkpoint: before the first batch still in flight (those are drawn
+        again on resume), or the sampler's own when nothing is in flight."""
+        return dict(self.in_flight[0][1]) if self.in_flight else sampler.state_dict()
+
+    @torch.no_grad()
+    def publish(self, policy: nn.Module) -> None:
+        """Copy the trained weights into the worker's shared copy, between two of its batches."""
+        from tether.rollout.hf import copy_trainable_weights
+
+        with self.lock:
+            copy_trainable_weights(policy, self.copy)
+            self.version.value += 1
+
+    def close(self) -> None:
+        if self.process is None:
+            return
+        try:
+            if self.process.is_alive():
+                self.requests.put(None)
+                self.process.join(timeout=10)
+            if self.process.is_alive():
+                self.process.terminate()
+                self.process.join(timeout=5)
+        finally:
+            self.process = None
+            atexit.unregister(self.close)
