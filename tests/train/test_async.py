@@ -97,3 +97,11 @@ def test_staleness_zero_is_the_synchronous_loop(llama):
     assert {k: v for k, v in ma.items() if not k.startswith(tuple(drop))} == \
            {k: v for k, v in mb.items() if not k.startswith(tuple(drop))}
     assert torch.equal(next(a.policy.parameters()), next(b.policy.parameters()))
+
+
+def test_a_worker_that_dies_without_a_word_is_an_error_not_a_hang(llama):
+    t = make_trainer(llama, **{"rollout.max_staleness": 1})
+    t.async_generator.process.kill()
+    with pytest.raises(TrainingError, match=r"the generation worker exited \(code -9\)"):
+        t.step()
+    t.close()

@@ -118,16 +118,32 @@ class AsyncGenerator:
             self.in_flight.append((self.next_id, state))
             self.next_id += 1
         want, state = self.in_flight.popleft()
-        try:
-            kind, got, version, payload = self.results.get(timeout=self.timeout_s)
-        except queue.Empty:
-            raise WorkerError(f"the generation worker sent nothing for {self.timeout_s:.0f} s") from None
+        kind, got, version, payload = self._receive()
         if kind == "error":
             self.close()
             raise WorkerError(f"the generation worker failed:\n{payload}")
         if got != want:  # the queue is FIFO on both sides; anything else is a bug
             raise WorkerError(f"the generation worker answered request {got}, expected {want}")
         return StaleRollout(payload, version, state)
+
+    def _receive(self) -> tuple:
+        """The worker's next message; a worker that died without one (killed, out of memory) is an error, not
+        a wait until the timeout."""
+        waited = 0.0
+        while True:
+            try:
+                return self.results.get(timeout=1.0)
+            except queue.Empty:
+                waited += 1.0
+                if self.process is None or not self.process.is_alive():
+                    code = None if self.process is None else self.process.exitcode
+                    self.close()
+                    raise WorkerError(
+                        f"the generation worker exited (code {code}) without sending its batch; it is started "
+                        "with spawn, so a script that trains must do so under `if __name__ == \"__main__\":` "
+                        "(see the worker's own error above)") from None
+                if waited >= self.timeout_s:
+                    raise WorkerError(f"the generation worker sent nothing for {self.timeout_s:.0f} s") from None
 
     def resume_state(self, sampler) -> dict:
         """The data sampler's state to checkpoint: before the first batch still in flight (those are drawn
