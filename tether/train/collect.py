@@ -119,10 +119,7 @@ def collect(cfg: TrainConfig, sampler, backend, reward: Callable | None, dist: D
         rollout = _generate(backend, rows, r.group_size, healthy, episodes, pad_token_id)
         info.seconds["generate"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        score(rollout, reward, device, conversation=cfg.reward.conversation, system_prompt=cfg.model.system_prompt)
-        if a.overlong_buffer is not None:
-            add_overlong_penalty(rollout, max_len=r.max_new_tokens, buffer=a.overlong_buffer,
-                                 factor=a.overlong_penalty)
+        score_round(rollout, reward, cfg, device)
         info.seconds["score"] += time.perf_counter() - t0
         if a.filter_groups:
             rollout, dropped = filter_uniform_groups(rollout)
@@ -137,9 +134,23 @@ def collect(cfg: TrainConfig, sampler, backend, reward: Callable | None, dist: D
     if len(rollout) == 0:
         raise TrainingError("every group had identical rewards after all refill rounds "
                             "(algorithm.filter_groups): nothing to learn from; check the reward")
-    if a.overlong_filter:
+    return filter_overlong(rollout, cfg), info
+
+
+def score_round(rollout: Rollout, reward: Callable | None, cfg: TrainConfig, device: torch.device) -> None:
+    """Score one round of samples: the reward (`score`), then DAPO's soft overlong punishment if configured."""
+    score(rollout, reward, device, conversation=cfg.reward.conversation, system_prompt=cfg.model.system_prompt)
+    a = cfg.algorithm
+    if a.overlong_buffer is not None:
+        add_overlong_penalty(rollout, max_len=cfg.rollout.max_new_tokens, buffer=a.overlong_buffer,
+                             factor=a.overlong_penalty)
+
+
+def filter_overlong(rollout: Rollout, cfg: TrainConfig) -> Rollout:
+    """DAPO's overlong filter (algorithm.overlong_filter): completions cut at the budget carry no loss."""
+    if cfg.algorithm.overlong_filter:
         rollout.in_loss_B = ~rollout.truncated_B
-    return rollout, info
+    return rollout
 
 
 def _collect_async(cfg: TrainConfig, sampler, async_generator, reward: Callable | None, device: torch.device
@@ -158,14 +169,9 @@ def _collect_async(cfg: TrainConfig, sampler, async_generator, reward: Callable 
     for name in ("input_ids_BL", "attention_mask_BL", "response_mask_BT", "sampler_logprobs_BT", "truncated_B"):
         setattr(rollout, name, getattr(rollout, name).to(device))
     t0 = time.perf_counter()
-    score(rollout, reward, device, conversation=cfg.reward.conversation, system_prompt=cfg.model.system_prompt)
-    if cfg.algorithm.overlong_buffer is not None:
-        add_overlong_penalty(rollout, max_len=cfg.rollout.max_new_tokens, buffer=cfg.algorithm.overlong_buffer,
-                             factor=cfg.algorithm.overlong_penalty)
-    if cfg.algorithm.overlong_filter:
-        rollout.in_loss_B = ~rollout.truncated_B
+    score_round(rollout, reward, cfg, device)
     info.seconds["score"] = time.perf_counter() - t0
-    return rollout, info
+    return filter_overlong(rollout, cfg), info
 
 
 def _generate(backend, rows: list[dict], group_size: int, healthy: bool, episodes: EpisodeRunner | None,

@@ -53,9 +53,10 @@ def needs_old_pass(cfg: TrainConfig, run: RunModels, exact_sampler: bool) -> boo
     from an inexact sampler, or high-entropy token selection (it ranks pi_old's entropies before the
     update)."""
     a = cfg.algorithm
-    distills = run.teacher is not None
-    return (run.shared_critic or cfg.rollout.max_staleness > 0 or a.epochs * a.minibatches > 1 or a.entropy_top_fraction is not None
-            or full_kl_in_reward(cfg) or (distills and a.distill_estimator == "k1" and not exact_sampler)
+    sampled_distill = run.teacher is not None and a.distill_estimator == "k1"
+    return (run.shared_critic or cfg.rollout.max_staleness > 0 or a.epochs * a.minibatches > 1
+            or a.entropy_top_fraction is not None or full_kl_in_reward(cfg)
+            or (sampled_distill and not exact_sampler)
             or (a.kl_mode == "reward" and uses_reference(cfg) and not exact_sampler))
 
 
@@ -143,7 +144,8 @@ def no_grad_passes(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatA
                 lp, _ = policy_logprobs(teacher, mb, temperature=r.temperature, with_entropy=False,
                                         autocast_dtype=run.autocast_dtype, share_prompts=run.share_prompts)
                 scatter_rows(teacher_lp, mb, lp)
-        rollout.teacher_kl_BT = (logprobs_before_update(rollout, exact_sampler) - teacher_lp) * rollout.loss_mask_BT
+        old_lp = logprobs_before_update(rollout, exact_sampler)
+        rollout.teacher_kl_BT = (old_lp - teacher_lp) * rollout.loss_mask_BT
     if run.critic is not None and not run.shared_critic:
         rollout.old_values_BT = torch.zeros(B, T, device=device)
         for mb in frozen_micro:

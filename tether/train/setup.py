@@ -90,10 +90,12 @@ def build_models(cfg: TrainConfig, device: torch.device, dist: Dist) -> RunModel
             critic.gradient_checkpointing_enable()
     policy.train()
     run = RunModels(
-        tokenizer=tokenizer, policy=policy, policy_module=policy, reference=reference, teacher=teacher, critic=critic,
+        tokenizer=tokenizer, policy=policy, policy_module=policy, reference=reference, teacher=teacher,
+        critic=critic,
         critic_module=critic, shared_critic=shared_critic, compiled_policy=None,
         autocast_dtype=models.DTYPES[m.autocast] if m.autocast else None, context_window=context_window,
-        share_prompts=training_share_prompts(cfg.optim.share_prompts, gradient_checkpointing=m.gradient_checkpointing,
+        share_prompts=training_share_prompts(cfg.optim.share_prompts,
+                                             gradient_checkpointing=m.gradient_checkpointing,
                                              group_size=cfg.rollout.group_size))
     if m.master_weights:
         run.masters = {name: MasterWeights(module, models.DTYPES[m.dtype]) for name, module in run.trained().items()}
@@ -112,9 +114,10 @@ def load_teacher(path: str, tokenizer, cfg: TrainConfig, device: torch.device) -
     if teacher_tok.get_vocab() != tokenizer.get_vocab():
         ours, theirs = tokenizer.get_vocab(), teacher_tok.get_vocab()
         differ = sorted(set(ours.items()) ^ set(theirs.items()), key=str)[:3]
-        raise models.ModelLoadError(f"model.teacher_path={path!r}: its tokenizer differs from the policy's ({len(theirs)} "
-                          f"tokens against {len(ours)}; e.g. {differ}): on-policy distillation compares the "
-                          "two models' log-probs of the same token ids, so both need the same vocabulary")
+        raise models.ModelLoadError(
+            f"model.teacher_path={path!r}: its tokenizer differs from the policy's ({len(theirs)} tokens against "
+            f"{len(ours)}; e.g. {differ}): on-policy distillation compares the two models' log-probs of the same "
+            "token ids, so both need the same vocabulary")
     return models.load_causal_lm(path, dtype=m.frozen_dtype_name(), trust_remote_code=m.trust_remote_code,
                                  device=device)
 

@@ -82,8 +82,10 @@ def update(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatAccumulat
                 lp, ent, shared_values, full_kl, _ = policy_logprobs_and_values(
                     run.policy_module, run.critic_module if run.shared_critic else None, mb,
                     temperature=r.temperature, with_entropy=True, autocast_dtype=run.autocast_dtype,
-                    share_prompts=run.share_prompts, top_k=r.top_k, top_p=r.top_p,
-                    reference=run.reference if kl_full_in_loss else run.teacher if distill_in_loss else None)  # entropy is always logged; it comes from the same pass
+                    share_prompts=run.share_prompts, top_k=r.top_k, top_p=r.top_p,  # entropy: always logged
+                    reference=run.reference if kl_full_in_loss else run.teacher if distill_in_loss else None)
+                # The exact KL that came back is to the reference or to the teacher (never both: config).
+                distill_kl = full_kl if distill_in_loss else None
                 mask = mb.response_mask
                 old = gather_rows(rollout.old_logprobs_BT, mb) if rollout.old_logprobs_BT is not None else lp.detach()
                 adv = gather_rows(rollout.advantages_BT, mb)
@@ -96,22 +98,21 @@ def update(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatAccumulat
                 kl_BT = None
                 if kl_full_in_loss:  # the exact per-position KL, whose gradient is grad KL(pi || pi_ref)
                     kl_BT = full_kl
-                    full_kl = None
                 elif a.kl_mode == "loss" and uses_reference(cfg):
                     kl_BT = KL_ESTIMATORS[a.kl_estimator](lp, gather_rows(rollout.ref_logprobs_BT, mb))
                 loss, lstats = composite_loss(
                     policy_loss_BT=pl_BT, response_mask_BT=mask, aggregation=a.aggregation, entropy_BT=ent,
                     entropy_coef=a.entropy_coef, kl_BT=kl_BT, kl_coef=beta if kl_BT is not None else 0.0,
                     num_sequences=n_seq, num_tokens=n_tok, max_len=r.max_new_tokens)
-                if full_kl is not None:  # distillation's exact reverse KL to the teacher, a loss term
-                    distill = aggregate(full_kl, mask, a.aggregation, num_sequences=n_seq, num_tokens=n_tok,
+                if distill_kl is not None:  # distillation's exact reverse KL to the teacher, a loss term
+                    distill = aggregate(distill_kl, mask, a.aggregation, num_sequences=n_seq, num_tokens=n_tok,
                                         max_len=r.max_new_tokens)
                     loss = loss + a.distill_coef * distill
                     lstats["loss/distill"] = distill.detach()
                     lstats["loss/total"] = lstats["loss/total"] + a.distill_coef * distill.detach()
                     if first_minibatch:
                         ntok_mb = mask.sum()
-                        acc.mean("distill/teacher_kl_per_token", (full_kl.detach() * mask).sum()
+                        acc.mean("distill/teacher_kl_per_token", (distill_kl.detach() * mask).sum()
                                  / ntok_mb.clamp(min=1), ntok_mb)
                 if run.shared_critic:  # one backward: the value loss also flows into the shared trunk
                     vloss = value_term(shared_values, rollout, mb, n_seq, n_tok, lstats, acc, cfg)
