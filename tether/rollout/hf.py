@@ -26,6 +26,7 @@ from tether.rollout.compiled_forward import CompiledForward
 from tether.rollout.decode_attention import installed as matmul_decode_installed
 from tether.rollout.kv_cache import preallocated_cache
 from tether.rollout.logprob_recorder import SampledLogprobs
+from tether.rollout.categorical import installed as inverse_cdf_sampling_installed
 from tether.rollout.packed_linears import installed as packed_linears_installed
 from tether.rollout.prompts import render
 from tether.rollout.shared_prompts import CACHE_KWARG, prefill_shared_prompts
@@ -102,7 +103,8 @@ class HFGenerateBackend:
                  micro_batch_size: int = 64, chat_template: bool = False, system_prompt: str | None = None,
                  autocast_dtype=None,
                  weights_dtype: torch.dtype | None = None, compile_backend: str | Callable | None = None,
-                 share_prompts: bool = False, decode_attention: str = "auto", packed_linears: bool = True):
+                 share_prompts: bool = False, decode_attention: str = "auto", packed_linears: bool = True,
+                 inverse_cdf_sampling: bool = True):
         """`weights_dtype`: sample from a copy of the policy in this dtype (e.g. bfloat16: no autocast casts,
         half the weight bandwidth), refreshed from the policy by `sync_weights` after every optimiser step.
         None samples from the policy itself (under `autocast_dtype`, if given). `compile_backend`: run the
@@ -111,7 +113,9 @@ class HFGenerateBackend:
         `decode_attention`: "matmul" runs the one-token decode steps of an SDPA model on CPU through
         `decode_attention.matmul_decode_attention`; "model" keeps the model's own attention; "auto": matmul
         on CPUs without AMX (`use_matmul_decode`). `packed_linears`: on CPU, run the linear layers on weights
-        packed for oneDNN once per call (`packed_linears.installed`); not under autocast or `compile_backend`."""
+        packed for oneDNN once per call (`packed_linears.installed`); not under autocast or `compile_backend`.
+        `inverse_cdf_sampling`: draw tokens on CPU with `categorical.sample_categorical` instead of
+        `torch.multinomial` (the same distribution, one uniform per row)."""
         self.source = policy
         self.policy = policy
         if weights_dtype is not None and weights_dtype != next(policy.parameters()).dtype:
@@ -127,6 +131,7 @@ class HFGenerateBackend:
         self.compiled_forward = CompiledForward(compile_backend) if compile_backend is not None else None
         self.share_prompts = share_prompts
         self.matmul_decode = use_matmul_decode(decode_attention)
+        self.inverse_cdf_sampling = inverse_cdf_sampling
         self.packed_linears = packed_linears_allowed(packed_linears, autocast_dtype=autocast_dtype,
                                                      compiled=compile_backend is not None)
         self.eos = eos_ids(tokenizer, policy)
@@ -181,7 +186,8 @@ class HFGenerateBackend:
             # tensors that training later writes into.
             with (torch.inference_mode(not is_sharded(self.policy)), autocast, forward,
                   matmul_decode_installed(self.policy, self.matmul_decode),
-                  packed_linears_installed(self.policy, prompt_ids.shape[0], self.packed_linears)):
+                  packed_linears_installed(self.policy, prompt_ids.shape[0], self.packed_linears),
+                  inverse_cdf_sampling_installed(self.inverse_cdf_sampling)):
                 recorder = SampledLogprobs()
                 cache = (preallocated_cache(self.policy, P + max_new_tokens) if self.compiled_forward is None
                          else None)

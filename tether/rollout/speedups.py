@@ -5,6 +5,7 @@
 | low-precision sampler copy (`rollout.weights_dtype`) | HF sampling | FSDP (refused by config) | the shards would have to be gathered into the copy; "auto" keeps a bf16 copy under bf16 autocast only |
 | matmul decode attention (`rollout.decode_attention`) | HF sampling, CPU | "auto" on a CPU with AMX | the flash kernel was faster there (decode_attention.py) |
 | packed linears (`rollout.packed_linears`) | HF sampling, CPU | autocast; `rollout.compile` | autocast would need the packed copies in its dtype; Inductor cannot trace oneDNN's packed tensors |
+| inverse-CDF token draws (`rollout.inverse_cdf_sampling`) | HF sampling, CPU | never (other devices keep torch.multinomial) | the same distribution; only the random stream differs |
 | shared prompt prefill (`optim.share_prompts`) | HF sampling | FSDP | the prefill would gather the shards on its own, and only on ranks whose prompts repeat |
 | shared prompt forward (`optim.share_prompts`) | training / no-grad passes | gradient checkpointing; group_size 1 | HF turns the KV cache off in a checkpointed model's forwards; with no group no prompt repeats |
 
