@@ -197,6 +197,22 @@ def test_value_loss():
     torch.testing.assert_close(grad, torch.tensor([[1.0, 3.0, 0.0, 0.0]]))
 
 
+
+def test_value_clip_counts_only_clipped_tokens_not_rounding():
+    """Within the clip range the clipped term equals the plain one in exact arithmetic, but V_old + (V - V_old)
+    rounds away from V for some float32 values; those tokens are neither counted as clipped nor given the
+    rounded term. V, V_old and R below are such a case (the clipped square is larger by one rounding)."""
+    V = torch.tensor([[-0.09493295103311539, -0.012849307619035244, 0.07997483760118484]], requires_grad=True)
+    V_old = torch.tensor([[0.12692609429359436, -0.2788006663322449, -0.2105245590209961]])
+    R = torch.tensor([[-0.8487080335617065, -0.023541858419775963, 0.09669749438762665]])
+    mask = torch.ones(1, 3)
+    assert ((V_old + (V - V_old) - R).square() > (V - R).square()).all()  # the rounding the test is about
+    loss, stats = value_loss(V, V_old, R, mask, clip_range=0.3)
+    assert stats["value_clip_frac"].item() == 0.0
+    assert torch.equal(loss, 0.5 * (V - R).square())
+    loss, stats = value_loss(V, V_old, R, mask, clip_range=0.25)  # token 2: |V - V_old| = 0.29, its clipped term larger
+    assert stats["value_clip_frac"].item() == pytest.approx(1 / 3)
+
 def test_composite_loss():
     g = torch.Generator().manual_seed(0)
     terms = {k: torch.randn(3, 4, generator=g) for k in ("policy", "value", "entropy", "kl")}

@@ -304,6 +304,10 @@ def value_loss(
         l_t = 0.5 max((V_t - R_t)^2, (V_old,t + clip(V_t - V_old,t, -c, c) - R_t)^2)
 
     stats["value_clip_frac"]: fraction of tokens where the clipped term is the larger one (zero gradient).
+
+    Only a token whose |V_t - V_old,t| exceeds c takes the clipped term: elsewhere the two terms are equal in
+    exact arithmetic, but V_old + (V - V_old) rounds away from V in float32 (5% of unit-scale values), and
+    comparing the two squares would count that rounding as clipping.
     """
     R = returns_BT.detach()
     sq_err = (values_BT - R).square()
@@ -313,9 +317,11 @@ def value_loss(
         if old_values_BT is None:
             raise ValueError("value clipping needs old_values_BT")
         V_old = old_values_BT.detach()
-        sq_err_clipped = (V_old + (values_BT - V_old).clamp(-clip_range, clip_range) - R).square()
-        clip_frac = masked_mean((sq_err_clipped > sq_err).float().detach(), mask)
-        sq_err = torch.maximum(sq_err, sq_err_clipped)
+        delta = values_BT - V_old
+        sq_err_clipped = (V_old + delta.clamp(-clip_range, clip_range) - R).square()
+        takes_clipped = ((delta.detach().abs() > clip_range) & (sq_err_clipped > sq_err)).detach()
+        clip_frac = masked_mean(takes_clipped.float(), mask)
+        sq_err = torch.where(takes_clipped, sq_err_clipped, sq_err)
     return _zero_outside(0.5 * sq_err, mask), {"value_clip_frac": clip_frac}
 
 
