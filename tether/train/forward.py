@@ -125,30 +125,28 @@ def completion_forward(model: nn.Module, mb: MicroBatch, *, with_hidden: bool, s
     """Logits [b, t+1, V] at positions p-1 .. p-1+t (the last prompt position onwards), and the last layer's
     hidden states there if `with_hidden`.
 
-    `share_prompts` (for rows that share a prompt, the G completions of a GRPO group): the prompt is run
-    once per distinct prompt, its KV cache is gathered out to every row, and the completions run on it. The
-    same numbers up to float order (attention reads the same keys and values), and the same gradients (the
-    gather's backward sums each row's gradient into its prompt's), for G x fewer prompt positions.
+    `share_prompts` (for rows that share a prompt, the G completions of a GRPO group): the prompt but its last
+    token is run once per distinct prompt, its KV cache is gathered out to every row, and each row runs its
+    last prompt token and its completion on it, so the logits come out of one forward (no [b, t+1, V]
+    concatenation). The same numbers up to float order (attention reads the same keys and values), and the
+    same gradients (the gather's backward sums each row's gradient into its prompt's), for about G x fewer
+    prompt positions.
     """
     p, t = mb.prompt_len, mb.width
-    u, prompt, cache = mb.prompt_rows, None, None
-    if share_prompts:  # even when no two rows here share one: every rank then runs as many forwards
-        prompt = model(input_ids=mb.input_ids[u, :p], attention_mask=mb.attention_mask[u, :p],
-                       position_ids=mb.position_ids[u, :p], logits_to_keep=1, use_cache=True,
-                       output_hidden_states=with_hidden)
+    u, cache = mb.prompt_rows, None
+    if share_prompts and p > 1:  # even when no two rows here share one: every rank then runs as many forwards
+        prompt = model(input_ids=mb.input_ids[u, :p - 1], attention_mask=mb.attention_mask[u, :p - 1],
+                       position_ids=mb.position_ids[u, :p - 1], logits_to_keep=1, use_cache=True)
         cache = getattr(prompt, CACHE_KWARG, None)  # None: a model that keeps no KV cache here
     if cache is None:
         out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
                     logits_to_keep=t + 1, use_cache=False, output_hidden_states=with_hidden)
         return out.logits, (out.hidden_states[-1][:, p - 1:] if with_hidden else None)
-    row_prompt = mb.prompt_of_row
-    cache.batch_select_indices(row_prompt)  # [u, ...] -> [b, ...]: rows of one prompt read the same KV
-    out = model(input_ids=mb.completion_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids[:, p:],
-                logits_to_keep=t, use_cache=False, output_hidden_states=with_hidden, **{CACHE_KWARG: cache})
-    logits = torch.cat([prompt.logits[row_prompt], out.logits], 1)
-    hidden = (torch.cat([prompt.hidden_states[-1][row_prompt, -1:], out.hidden_states[-1]], 1) if with_hidden
-              else None)
-    return logits, hidden
+    cache.batch_select_indices(mb.prompt_of_row)  # [u, ...] -> [b, ...]: rows of one prompt read the same KV
+    out = model(input_ids=mb.input_ids[:, p - 1:], attention_mask=mb.attention_mask,
+                position_ids=mb.position_ids[:, p - 1:], logits_to_keep=t + 1, use_cache=False,
+                output_hidden_states=with_hidden, **{CACHE_KWARG: cache})
+    return out.logits, (out.hidden_states[-1] if with_hidden else None)
 
 
 class PolicyPass(NamedTuple):
