@@ -176,3 +176,18 @@ def test_bad_shapes_raise():
         token_logprobs(logits, tokens[:, :2])
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs(logits, tokens, temperature=0.0)
+
+
+def test_default_chunk_fits_a_16_mib_float32_buffer():
+    """Chunks small enough to be reused from the heap (under glibc's mmap threshold), at most 1024 rows."""
+    from tether.core.logprobs import CHUNK_BYTES, default_chunk_size
+
+    assert CHUNK_BYTES == 16 << 20
+    assert default_chunk_size(49152) == 85 and default_chunk_size(151936) == 27  # SmolLM2's, Qwen's vocabularies
+    assert default_chunk_size(104) == 1024 and default_chunk_size(10**8) == 1
+    for v in (11, 4097, 32000, 49152, 151936):
+        assert default_chunk_size(v) * v * 4 <= CHUNK_BYTES or default_chunk_size(v) == 1
+    logits, _, tokens = inputs(torch.float32)
+    lp_default, ent_default = logprobs_and_entropy(logits, tokens)
+    lp_rows, ent_rows = logprobs_and_entropy(logits, tokens, chunk_size=1)
+    assert torch.equal(lp_default, lp_rows) and torch.equal(ent_default, ent_rows)  # rows are independent
