@@ -12,10 +12,10 @@ from tether.tasks.tiny_model import build_tiny_model
 from tether.train.forward import make_micro_batch, policy_logprobs_and_values
 
 
-def sampled_rollout(path, policy, group_size=3):
+def sampled_rollout(path, policy, group_size=3, prompts=("1+1=", "123+45=", "9=")):
+    """Different prompt lengths by default: left padding inside the prompt block."""
     tok = load_tokenizer(str(path))
     backend = HFGenerateBackend(policy, tok, max_new_tokens=7)
-    prompts = ["1+1=", "123+45=", "9="]  # different lengths: left padding inside the prompt block
     torch.manual_seed(0)
     return backend.generate([{"prompt": p} for p in prompts], prompts, group_size=group_size)
 
@@ -34,17 +34,18 @@ def test_micro_batch_finds_rows_that_share_a_prompt(tmp_path):
 
 @pytest.mark.parametrize("arch,lora,rows", [("llama", False, "all"), ("gpt2", False, "all"),
                                             ("mistral", False, "all"), ("llama", True, "all"),
-                                            ("llama", False, "distinct")])
+                                            ("llama", False, "distinct"), ("llama", False, "one-token")])
 def test_shared_prompt_forward_gives_the_per_row_numbers_and_gradients(tmp_path, arch, lora, rows):
-    """Also with no prompt repeated ("distinct"): the two-pass forward still gives the per-row numbers."""
+    """Also with no prompt repeated ("distinct"), and with one-token prompts (which run whole, their logits
+    joined to the completions'): the two-pass forward still gives the per-row numbers."""
     path = build_tiny_model(tmp_path / arch, arch=arch, hidden_size=32, num_layers=2)
     policy = load_causal_lm(str(path))
     if lora:
         policy = apply_lora(policy, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     head = SharedValueHead(32)
-    rollout = sampled_rollout(path, policy)
-    mb = make_micro_batch(rollout, torch.arange(len(rollout)) if rows == "all" else torch.tensor([0, 3, 6]))
-    assert len(mb.prompt_rows) == 3
+    rollout = sampled_rollout(path, policy, **({"prompts": ("1", "2", "3")} if rows == "one-token" else {}))
+    mb = make_micro_batch(rollout, torch.tensor([0, 3, 6]) if rows == "distinct" else torch.arange(len(rollout)))
+    assert len(mb.prompt_rows) == 3 and (mb.prompt_len == 1) == (rows == "one-token")
 
     def run(share):
         policy.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tether.core.logprobs import full_kl_from_logits, logprobs_and_entropy, token_logprobs
+from tether.models import is_sharded
 from tether.rollout.batch import Rollout, position_ids
 from tether.rollout.shared_prompts import CACHE_KWARG, distinct_prompts
 
@@ -134,19 +135,31 @@ def completion_forward(model: nn.Module, mb: MicroBatch, *, with_hidden: bool, s
     """
     p, t = mb.prompt_len, mb.width
     u, cache = mb.prompt_rows, None
-    if share_prompts and p > 1:  # even when no two rows here share one: every rank then runs as many forwards
-        prompt = model(input_ids=mb.input_ids[u, :p - 1], attention_mask=mb.attention_mask[u, :p - 1],
-                       position_ids=mb.position_ids[u, :p - 1], logits_to_keep=1, use_cache=True)
+    # The prompt tokens that run once: all but the last. The whole prompt, its last logits joined to the
+    # completion's, for a one-token prompt (so every rank runs as many forwards whatever its prompt lengths)
+    # and under FSDP, whose hooks gather a forward's parameters for backward only when its outputs get a
+    # gradient: the prompt forward's logits must be in the graph, not its KV cache alone.
+    head = p if p == 1 or is_sharded(model) else p - 1
+    if share_prompts:  # even when no two rows here share one: every rank then runs as many forwards
+        prompt = model(input_ids=mb.input_ids[u, :head], attention_mask=mb.attention_mask[u, :head],
+                       position_ids=mb.position_ids[u, :head], logits_to_keep=1, use_cache=True,
+                       output_hidden_states=with_hidden and head == p)
         cache = getattr(prompt, CACHE_KWARG, None)  # None: a model that keeps no KV cache here
     if cache is None:
         out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
                     logits_to_keep=t + 1, use_cache=False, output_hidden_states=with_hidden)
         return out.logits, (out.hidden_states[-1][:, p - 1:] if with_hidden else None)
-    cache.batch_select_indices(mb.prompt_of_row)  # [u, ...] -> [b, ...]: rows of one prompt read the same KV
-    out = model(input_ids=mb.input_ids[:, p - 1:], attention_mask=mb.attention_mask,
-                position_ids=mb.position_ids[:, p - 1:], logits_to_keep=t + 1, use_cache=False,
+    row_prompt = mb.prompt_of_row
+    cache.batch_select_indices(row_prompt)  # [u, ...] -> [b, ...]: rows of one prompt read the same KV
+    out = model(input_ids=mb.input_ids[:, head:], attention_mask=mb.attention_mask,
+                position_ids=mb.position_ids[:, head:], logits_to_keep=p + t - head, use_cache=False,
                 output_hidden_states=with_hidden, **{CACHE_KWARG: cache})
-    return out.logits, (out.hidden_states[-1] if with_hidden else None)
+    if head == p - 1:
+        return out.logits, (out.hidden_states[-1] if with_hidden else None)
+    logits = torch.cat([prompt.logits[row_prompt], out.logits], 1)
+    hidden = (torch.cat([prompt.hidden_states[-1][row_prompt, -1:], out.hidden_states[-1]], 1) if with_hidden
+              else None)
+    return logits, hidden
 
 
 class PolicyPass(NamedTuple):
