@@ -180,7 +180,7 @@ def _logp_entropy_chunk(
         logsumexp = m + log s,   log p[tok] = (z_tok - m) - log s,   H = log s - sum_j e_j (z_j - m) / s
 
     (H = -sum_j p_j log p_j with log p_j = (z_j - m) - log s), so no normalised [C, V] p or log p is written:
-    five passes over the chunk (max, subtract, exp, sum, and a row-wise dot product) where a log-softmax
+    about six passes over the chunk (max, subtract, exp, sum, then e * (z - m) in place and its sum) where a log-softmax
     followed by -sum p log p takes eleven. With a large vocabulary these passes are what the pass costs.
     A function rather than the loop body so that its [C, V] temporaries are freed on return.
     """
