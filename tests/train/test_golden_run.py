@@ -108,7 +108,8 @@ def differences(expected: dict, got: dict) -> list[str]:
 
 
 def test_the_golden_run_reproduces(tmp_path):
-    assert GOLDEN.exists(), f"{GOLDEN} is missing: regenerate it with `python {Path(__file__).relative_to(HERE.parents[1])}`"
+    script = Path(__file__).relative_to(HERE.parents[1])
+    assert GOLDEN.exists(), f"{GOLDEN} is missing: regenerate it with `python {script}`"
     expected = json.loads(GOLDEN.read_text())
     assert set(expected) == set(RUNS)
     got = all_runs(tmp_path)

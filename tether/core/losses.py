@@ -319,7 +319,7 @@ def value_loss(
         V_old = old_values_BT.detach()
         delta = values_BT - V_old
         sq_err_clipped = (V_old + delta.clamp(-clip_range, clip_range) - R).square()
-        takes_clipped = ((delta.detach().abs() > clip_range) & (sq_err_clipped > sq_err)).detach()
+        takes_clipped = (delta.abs() > clip_range) & (sq_err_clipped > sq_err)  # comparisons carry no grad
         clip_frac = masked_mean(takes_clipped.float(), mask)
         sq_err = torch.where(takes_clipped, sq_err_clipped, sq_err)
     return _zero_outside(0.5 * sq_err, mask), {"value_clip_frac": clip_frac}

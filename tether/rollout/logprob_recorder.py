@@ -32,7 +32,7 @@ class SampledLogprobs(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.pending is not None:
             self.logprobs.append(self._gather(input_ids[:, -1:]))
-        z = scores.float().clone()  # generate may reuse or change its scores after this processor
+        z = scores.to(torch.float32, copy=True)  # one copy: generate may change its scores after this
         self.pending = (z, torch.logsumexp(z, -1))
         return scores
 
