@@ -105,3 +105,53 @@ def test_a_worker_that_dies_without_a_word_is_an_error_not_a_hang(llama):
     with pytest.raises(TrainingError, match=r"the generation worker exited \(code -9\)"):
         t.step()
     t.close()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_worker_computes_the_reference_logprobs_the_trainer_would(llama, lora, monkeypatch):
+    """The frozen reference's pass runs in the worker (a separate copy in shared memory, or LoRA's adapter-off
+    base), not in the trainer; the trainer's own pass over the same tokens gives the same log-probs, up to
+    float32 summation order (the two processes may use different thread counts)."""
+    from tether.train import passes
+    from tether.train.forward import split_micro_batches
+
+    reference_logprobs = passes.reference_logprobs
+
+    def not_in_the_trainer(*args, **kwargs):
+        raise AssertionError("the trainer ran the reference pass")
+
+    over = {"rollout.max_staleness": 1}
+    if lora:
+        over.update({"model.lora.r": 4, "model.lora.alpha": 8})
+    t = make_trainer(llama, **over)
+    try:
+        monkeypatch.setattr(passes, "reference_logprobs", not_in_the_trainer)  # the spawned worker has its own
+        results = [t.step() for _ in range(2)]
+        assert (t.models.reference.model is None) == lora
+        for r in results:
+            rollout = r.rollout
+            from_worker = rollout.ref_logprobs_BT.clone()
+            mask = rollout.response_mask_BT.bool()
+            assert mask.any() and from_worker[mask].lt(0).all()
+            micro = split_micro_batches(rollout, torch.arange(len(rollout)), micro_batch_size=len(rollout))
+            reference_logprobs(rollout, micro, t.models.reference, temperature=1.0, autocast_dtype=None,
+                               share_prompts=False)
+            torch.testing.assert_close(from_worker[mask], rollout.ref_logprobs_BT[mask], rtol=0, atol=1e-5)
+            # No old pass: the trainer's first forward stood for pi_old, and measured the KL to the reference.
+            assert rollout.old_logprobs_BT is None
+            assert math.isfinite(r.metrics["kl/ref_per_token"])
+        # Before the first update the policy is the reference; k1 on the stale samples of step 2 need not be >= 0.
+        assert abs(results[0].metrics["kl/ref_per_token"]) < 1e-6
+        assert results[1].metrics["kl/ref_per_token"] != 0.0
+        assert results[1].metrics["rollout/behaviour_kl"] != 0.0
+    finally:
+        t.close()
+
+
+def test_an_adaptive_beta_keeps_the_old_pass_it_reads_the_kl_from(llama):
+    t = make_trainer(llama, **{"rollout.max_staleness": 1, "algorithm.kl_target": 0.01})
+    try:
+        r = t.step()
+    finally:
+        t.close()
+    assert r.rollout.old_logprobs_BT is not None and math.isfinite(r.metrics["kl/ref_per_token"])

@@ -16,9 +16,12 @@ How, on one machine:
   a checkpoint records the state of the first batch not yet trained on: batches in flight are discarded
   on resume and drawn again (the same rows, sampled anew by the resumed policy), so no row is lost or
   repeated.
-- Off-policy correction (decoupled PPO, Hilton et al. 2022): the trainer recomputes pi_old with its own
-  pre-update weights (the proximal policy) for every batch; the worker's recorded log-probs are the
-  behaviour policy's, and `algorithm.tis_cap` weights each token by min(pi_old / pi_behaviour, cap).
+- Off-policy correction (decoupled PPO, Hilton et al. 2022): pi_old is the trainer's own pre-update weights
+  (the proximal policy) for every batch, from its first minibatch's forward or, with several updates a
+  step, an old pass; the worker's recorded log-probs are the behaviour policy's, and `algorithm.tis_cap`
+  weights each token by min(pi_old / pi_behaviour, cap).
+- Balance. Generation is the worker's, the update the trainer's; work that depends on neither's weights
+  can go to whichever waits: the trainer hands the worker the frozen reference's pass (`after_sampling`).
 - Shutdown. `close()` (also at interpreter exit) stops the worker and joins it; the worker exits with its
   parent (PR_SET_PDEATHSIG on Linux) and on any error, which reaches the trainer as an exception naming it.
 """
@@ -31,6 +34,7 @@ import queue
 import traceback
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.multiprocessing as mp
@@ -60,7 +64,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker_main(model, tokenizer, backend_kwargs, threads, seed, requests, results, lock, version) -> None:
+def _worker_main(model, tokenizer, backend_kwargs, threads, seed, requests, results, lock, version,
+                 after_sampling) -> None:
     _die_with_parent()
     try:
         torch.set_num_threads(threads)
@@ -76,6 +81,8 @@ def _worker_main(model, tokenizer, backend_kwargs, threads, seed, requests, resu
             with lock:  # the weights cannot change under a batch
                 v = version.value
                 rollout = backend.generate(rows, [row["prompt"] for row in rows], group_size=group_size)
+            if after_sampling is not None:  # outside the lock: it must not read the weights published
+                after_sampling(model, rollout)
             results.put(("ok", request_id, v, rollout))
     except BaseException:  # noqa: BLE001 - everything must reach the trainer
         results.put(("error", None, None, traceback.format_exc()))
@@ -83,10 +90,15 @@ def _worker_main(model, tokenizer, backend_kwargs, threads, seed, requests, resu
 
 class AsyncGenerator:
     """The trainer's side of the worker: keeps `max_staleness + 1` batches in flight, hands them over oldest
-    first, publishes new weights, and stops the worker."""
+    first, publishes new weights, and stops the worker.
+
+    `after_sampling(worker_policy, rollout)`, if given, runs in the worker on each batch after sampling it,
+    outside the lock (so it must not depend on the trained weights: the frozen reference's log-probs); it
+    must be picklable, as it travels to the spawned worker."""
 
     def __init__(self, policy: nn.Module, tokenizer, *, backend_kwargs: dict, max_staleness: int, threads: int,
-                 seed: int, group_size: int, timeout_s: float = 3600.0):
+                 seed: int, group_size: int, timeout_s: float = 3600.0,
+                 after_sampling: Callable[[nn.Module, Rollout], None] | None = None):
         if max_staleness < 1:
             raise ValueError("max_staleness must be >= 1 for asynchronous rollouts")
         self.max_staleness, self.group_size, self.timeout_s = max_staleness, group_size, timeout_s
@@ -101,7 +113,7 @@ class AsyncGenerator:
         self.next_id = 0
         self.process = ctx.Process(target=_worker_main, daemon=True, name="tether-generate",
                                    args=(self.copy, tokenizer, backend_kwargs, threads, seed, self.requests,
-                                         self.results, self.lock, self.version))
+                                         self.results, self.lock, self.version, after_sampling))
         self.process.start()
         atexit.register(self.close)
 

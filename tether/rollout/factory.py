@@ -35,8 +35,9 @@ def hf_backend_kwargs(cfg: TrainConfig, *, autocast_dtype: torch.dtype | None, f
 
 
 def make_async_generator(cfg: TrainConfig, policy: torch.nn.Module, tokenizer, *,
-                         autocast_dtype: torch.dtype | None):
-    """The generation worker for rollout.max_staleness > 0 (None for the synchronous loop)."""
+                         autocast_dtype: torch.dtype | None, after_sampling=None):
+    """The generation worker for rollout.max_staleness > 0 (None for the synchronous loop); `after_sampling`
+    runs in the worker on each batch it samples (see AsyncGenerator)."""
     r = cfg.rollout
     if r.max_staleness == 0:
         return None
@@ -45,7 +46,8 @@ def make_async_generator(cfg: TrainConfig, policy: torch.nn.Module, tokenizer, *
     kwargs = hf_backend_kwargs(cfg, autocast_dtype=autocast_dtype, fsdp=False)
     kwargs["weights_dtype"] = None  # the worker's shared copy is its own copy already
     return AsyncGenerator(policy, tokenizer, backend_kwargs=kwargs, max_staleness=r.max_staleness,
-                          threads=r.async_threads, seed=cfg.seed + 1, group_size=r.group_size)
+                          threads=r.async_threads, seed=cfg.seed + 1, group_size=r.group_size,
+                          after_sampling=after_sampling)
 
 
 def make_episode_runner(cfg: TrainConfig, tokenizer, *, context_window: int | None):

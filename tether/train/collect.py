@@ -166,8 +166,10 @@ def _collect_async(cfg: TrainConfig, sampler, async_generator, reward: Callable 
     info.seconds["generate"] = time.perf_counter() - t0  # the wait: generation overlapped the last update
     info.staleness = async_generator.published - stale.version
     rollout = stale.rollout
-    for name in ("input_ids_BL", "attention_mask_BL", "response_mask_BT", "sampler_logprobs_BT", "truncated_B"):
-        setattr(rollout, name, getattr(rollout, name).to(device))
+    for name in ("input_ids_BL", "attention_mask_BL", "response_mask_BT", "sampler_logprobs_BT", "truncated_B",
+                 "ref_logprobs_BT"):  # the last computed by the worker when a reference is used
+        if getattr(rollout, name) is not None:
+            setattr(rollout, name, getattr(rollout, name).to(device))
     t0 = time.perf_counter()
     score_round(rollout, reward, cfg, device)
     info.seconds["score"] = time.perf_counter() - t0

@@ -36,7 +36,7 @@ from tether.train.collect import collect, rows_that_fit
 from tether.train.distributed import Dist
 from tether.train.errors import TrainingError
 from tether.train.host_memory import keep_freed_memory, release_freed_memory
-from tether.train.passes import logprobs_before_update, no_grad_passes, sampler_is_exact
+from tether.train.passes import WorkerReferencePass, logprobs_before_update, no_grad_passes, sampler_is_exact
 from tether.train.setup import build_models, make_optimisers, uses_reference
 from tether.train.stats import StatAccumulator
 from tether.train.step_stats import Health, rollout_stats
@@ -110,9 +110,11 @@ class Trainer:
         self.sampler = PromptSampler(self.rows, batch_size=cfg.rollout.prompts_per_step, seed=cfg.seed,
                                      shuffle=cfg.data.shuffle)
         self.health = Health(cfg.optim.max_bad_steps, cfg.optim.max_weight_growth, cfg.optim.lr)
-        # rollout.max_staleness > 0: a worker process samples ahead (rollout/async_worker.py); close() stops it.
-        self.async_generator = make_async_generator(cfg, self.models.policy, self.tokenizer,
-                                                    autocast_dtype=self.models.autocast_dtype)
+        # rollout.max_staleness > 0: a worker process samples ahead (rollout/async_worker.py), and runs the
+        # reference pass on what it sampled; close() stops it.
+        self.async_generator = make_async_generator(
+            cfg, self.models.policy, self.tokenizer, autocast_dtype=self.models.autocast_dtype,
+            after_sampling=WorkerReferencePass.for_run(cfg, self.models) if cfg.rollout.max_staleness else None)
         self.step_count = 0
         self._first_step_memory_released = False
         if self.run_dir is not None and self.dist.is_main:

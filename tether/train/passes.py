@@ -4,9 +4,13 @@ update."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 from tether.config import TrainConfig
+from tether.models import ReferencePolicy
 from tether.rollout.batch import Rollout
 from tether.train.distributed import Dist, split_to_count
 from tether.train.forward import (
@@ -47,14 +51,19 @@ def sampler_is_exact(cfg: TrainConfig, backend) -> bool:
 
 def needs_old_pass(cfg: TrainConfig, run: RunModels, exact_sampler: bool) -> bool:
     """pi_old needs its own pass unless the first minibatch's forward can stand for it: more than one update
-    per step, a shared critic (whose old values come with it), asynchronous rollouts (the sampler's policy is
-    older than pi_old, which is recomputed: decoupled PPO), KL in the reward from an inexact sampler or
+    per step, a shared critic (whose old values come with it), KL in the reward from an inexact sampler or
     over the full vocabulary (pi_old's logits meet the reference's there), distillation's sampled reward
-    from an inexact sampler, or high-entropy token selection (it ranks pi_old's entropies before the
-    update)."""
+    from an inexact sampler, high-entropy token selection (it ranks pi_old's entropies before the update),
+    or asynchronous rollouts with an adaptive beta (its controller reads the KL of pi_old, measured before
+    the update).
+
+    Asynchronous rollouts alone need no pass: decoupled PPO's proximal policy is the trainer's pre-update
+    weights, which the first minibatch's forward is, and the truncated importance weight pi_old / pi_behaviour
+    is taken from it (update.py). That pass was a third of the trainer's work in a GRPO step on 2 cores."""
     a = cfg.algorithm
     sampled_distill = run.teacher is not None and a.distill_estimator == "k1"
-    return (run.shared_critic or cfg.rollout.max_staleness > 0 or a.epochs * a.minibatches > 1
+    stale_with_adaptive_beta = cfg.rollout.max_staleness > 0 and a.kl_target is not None
+    return (run.shared_critic or stale_with_adaptive_beta or a.epochs * a.minibatches > 1
             or a.entropy_top_fraction is not None or full_kl_in_reward(cfg)
             or (sampled_distill and not exact_sampler)
             or (a.kl_mode == "reward" and uses_reference(cfg) and not exact_sampler))
@@ -129,13 +138,9 @@ def no_grad_passes(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatA
             log_mismatch(acc, lp, behaviour, mb.response_mask)
             if r.max_staleness > 0 and behaviour is not None:
                 log_behaviour_gap(acc, lp, behaviour, mb.response_mask)
-    if uses_reference(cfg):
-        rollout.ref_logprobs_BT = torch.zeros(B, T, device=device)
-        with run.reference.active() as ref_model:
-            for mb in frozen_micro:
-                lp, _ = policy_logprobs(ref_model, mb, temperature=r.temperature, with_entropy=False,
-                                        autocast_dtype=run.autocast_dtype, share_prompts=run.share_prompts)
-                scatter_rows(rollout.ref_logprobs_BT, mb, lp)
+    if uses_reference(cfg) and rollout.ref_logprobs_BT is None:  # else the generation worker computed them
+        reference_logprobs(rollout, frozen_micro, run.reference, temperature=r.temperature,
+                           autocast_dtype=run.autocast_dtype, share_prompts=run.share_prompts)
     if run.teacher is not None and a.distill_estimator == "k1":
         # The reverse KL's sampled estimate, log pi_old - log pi_teacher, at every model token.
         teacher_lp = torch.zeros(B, T, device=device)
@@ -150,6 +155,59 @@ def no_grad_passes(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatA
         rollout.old_values_BT = torch.zeros(B, T, device=device)
         for mb in frozen_micro:
             scatter_rows(rollout.old_values_BT, mb, critic_values(run.critic, mb, autocast_dtype=run.autocast_dtype))
+
+
+@torch.no_grad()
+def reference_logprobs(rollout: Rollout, micro: list, reference: ReferencePolicy, *, temperature: float,
+                       autocast_dtype: torch.dtype | None, share_prompts: bool) -> None:
+    """Fill rollout.ref_logprobs_BT: log pi_ref of every completion token, over the micro-batches `micro`."""
+    B, T = rollout.response_mask_BT.shape
+    rollout.ref_logprobs_BT = torch.zeros(B, T, device=rollout.response_mask_BT.device)
+    with reference.active() as ref_model:
+        for mb in micro:
+            lp, _ = policy_logprobs(ref_model, mb, temperature=temperature, with_entropy=False,
+                                    autocast_dtype=autocast_dtype, share_prompts=share_prompts)
+            scatter_rows(rollout.ref_logprobs_BT, mb, lp)
+
+
+@dataclass
+class WorkerReferencePass:
+    """The reference pass run by the asynchronous generation worker (rollout.max_staleness > 0) on each batch
+    right after sampling it, instead of by the trainer.
+
+    Why: the reference is frozen, so its log-probs do not depend on the policy version, and on 2 cores the
+    worker (sampling, dispatch-bound) waits while the trainer (the update, matmul-bound) works; moving this
+    pass evens the two. A separate reference is the trainer's own frozen copy, its tensors moved to shared
+    memory (no second copy); a LoRA reference is the worker's policy copy with its adapters off (their weights
+    change under it, unused). Picklable: it travels to the spawned worker."""
+
+    model: nn.Module | None  # None: the LoRA policy's adapter-disabled base
+    temperature: float
+    autocast_dtype: torch.dtype | None
+    share_prompts: bool
+    micro_batch_size: int
+    token_budget: int | None
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, run: RunModels) -> "WorkerReferencePass | None":
+        if not uses_reference(cfg):
+            return None
+        model = run.reference.model
+        if model is not None:
+            for t in list(model.parameters()) + list(model.buffers()):
+                t.share_memory_()
+        o = cfg.optim
+        return cls(model, cfg.rollout.temperature, run.autocast_dtype, run.share_prompts,
+                   o.no_grad_micro_batch_size or o.micro_batch_size,
+                   None if o.no_grad_micro_batch_size else o.token_budget)
+
+    def __call__(self, worker_policy: nn.Module, rollout: Rollout) -> None:
+        reference = (ReferencePolicy(model=self.model) if self.model is not None
+                     else ReferencePolicy(adapter_host=worker_policy))
+        micro = split_micro_batches(rollout, torch.arange(len(rollout)), micro_batch_size=self.micro_batch_size,
+                                    token_budget=self.token_budget)
+        reference_logprobs(rollout, micro, reference, temperature=self.temperature,
+                           autocast_dtype=self.autocast_dtype, share_prompts=self.share_prompts)
 
 
 def logprobs_before_update(rollout: Rollout, exact_sampler: bool) -> torch.Tensor | None:

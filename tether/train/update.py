@@ -14,7 +14,7 @@ from tether.core.losses import POLICY_LOSSES, aggregate, composite_loss, value_l
 from tether.rollout.batch import Rollout
 from tether.train.distributed import Dist
 from tether.train.forward import critic_values, gather_rows, policy_logprobs_and_values
-from tether.train.passes import log_mismatch, micro_batches
+from tether.train.passes import log_behaviour_gap, log_mismatch, micro_batches
 from tether.train.setup import RunModels, uses_reference
 from tether.train.stats import StatAccumulator
 
@@ -138,8 +138,15 @@ def update(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatAccumulat
                 if ent is not None:
                     acc.mean("policy/entropy", (ent * mask).sum() / ntok.clamp(min=1), ntok)
                 if first_minibatch and rollout.old_logprobs_BT is None:
-                    # No old pass: the first minibatch's forward is pi_old, the policy that sampled.
-                    log_mismatch(acc, lp.detach(), gather_rows(rollout.sampler_logprobs_BT, mb), mask)
+                    # No old pass: the first minibatch's forward is pi_old (the policy that sampled, or with
+                    # asynchronous rollouts the proximal policy, the sampler's being older).
+                    behaviour = gather_rows(rollout.sampler_logprobs_BT, mb)
+                    log_mismatch(acc, lp.detach(), behaviour, mask)
+                    if r.max_staleness > 0:
+                        log_behaviour_gap(acc, lp.detach(), behaviour, mask)
+                        if rollout.ref_logprobs_BT is not None:  # no sampler log-probs stood for pi_old
+                            kl = KL_ESTIMATORS["k1"](lp.detach(), gather_rows(rollout.ref_logprobs_BT, mb))
+                            acc.mean("kl/ref_per_token", (kl * mask).sum() / ntok.clamp(min=1), ntok)
                 if first_minibatch and "ratio_max" in pstats:
                     acc.maximum("policy/first_minibatch_ratio_dev",
                                 (torch.exp(lp.detach() - old) - 1).abs().mul(mask).max())
