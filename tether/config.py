@@ -131,9 +131,9 @@ class RolloutConfig:
     logprob_tolerance: float = knob(1e-3, "Max |sampler - trainer| log-prob gap tolerated before a warning.",
                                     gt=0)
     max_staleness: int = knob(0, "Asynchronous rollouts: a worker process samples the next batches from a policy "
-                                 "at most this many updates old while the trainer updates (pi_old recomputed, "
-                                 "algorithm.tis_cap weights the behaviour/proximal gap). 0: the synchronous "
-                                 "loop.", ge=0)
+                                 "at most this many updates old while the trainer updates (pi_old is the trainer's "
+                                 "pre-update policy, algorithm.tis_cap weights the behaviour/proximal gap); "
+                                 "with env.name it runs whole episodes. 0: the synchronous loop.", ge=0)
     async_threads: int = knob(1, "Asynchronous rollouts: CPU threads of the generation worker (the trainer "
                                  "keeps `threads`).", ge=1)
     vllm_gpu_memory_utilization: float = knob(0.3, "vLLM backend: share of GPU memory for its KV cache.",
@@ -599,8 +599,7 @@ def validate(cfg: TrainConfig) -> None:
                           "top_p the policy samples from a truncated one: use k1/k2/k3 there (they are exact "
                           "for the truncated policy)")
     if r.max_staleness > 0:
-        clash = [name for name, on in (("env.name (episodes)", cfg.env.name is not None),
-                                       ("algorithm.filter_groups (refill)", a.filter_groups),
+        clash = [name for name, on in (("algorithm.filter_groups (refill)", a.filter_groups),
                                        (f"rollout.backend={r.backend}", r.backend != "hf")) if on]
         if clash:
             raise ConfigError(f"rollout.max_staleness={r.max_staleness} (asynchronous rollouts) does not work with "

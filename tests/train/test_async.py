@@ -155,3 +155,36 @@ def test_an_adaptive_beta_keeps_the_old_pass_it_reads_the_kl_from(llama):
     finally:
         t.close()
     assert r.rollout.old_logprobs_BT is not None and math.isfinite(r.metrics["kl/ref_per_token"])
+
+
+def test_the_worker_runs_whole_episodes_with_their_masks(llama):
+    """With an environment the worker runs group_size episodes of each row (its own environments, in the
+    sync loop's row order); environment tokens stay out of the loss mask, and at version 0 the worker's
+    per-token log-probs over every turn are the trainer's."""
+    from tether.tasks import get_task
+
+    def trainer(**over):
+        raw = {"model": {"path": llama}, "algorithm": {"name": "grpo"}, "seed": 0, "steps": 3,
+               "data": {"source": "task:guess_number"}, "rollout": {"prompts_per_step": 4, "group_size": 2},
+               "optim": {"lr": 1e-3}, "threads": "1", "logging": {"progress": False}}
+        cfg = resolve_config(raw, [f"{k}={v}" for k, v in over.items()])
+        return Trainer(cfg, rows=get_task("guess_number").make_rows("train", 32), reward_fn=None)
+
+    sync = trainer()
+    want = [row for _ in range(3) for row in sync.step().rollout.rows]
+    t = trainer(**{"rollout.max_staleness": 1})
+    try:
+        results = [t.step() for _ in range(3)]
+    finally:
+        t.close()
+    assert [row for r in results for row in r.rollout.rows] == want
+    ms = [r.metrics for r in results]
+    assert [m["rollout/staleness"] for m in ms] == [0.0, 1.0, 1.0]
+    assert ms[0]["rollout/logprob_mismatch_max"] < 1e-5  # float32, the same weights on both sides
+    for r in results:
+        ro = r.rollout
+        assert ro.turn_rewards_BT is not None and ro.ref_logprobs_BT is not None
+        completion_region = ro.attention_mask_BL[:, ro.prompt_len:].bool()
+        env_tokens = completion_region & ~ro.response_mask_BT.bool()
+        assert env_tokens.any() and not (ro.loss_mask_BT.bool() & env_tokens).any()
+        assert r.metrics["episode/turns_mean"] >= 1 and 0 < r.metrics["episode/env_token_frac"] < 1

@@ -65,22 +65,28 @@ def _die_with_parent() -> None:
 
 
 def _worker_main(model, tokenizer, backend_kwargs, threads, seed, requests, results, lock, version,
-                 after_sampling) -> None:
+                 after_sampling, make_episode_runner) -> None:
     _die_with_parent()
     try:
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
+        from tether.rollout.episodes import episodes_to_rollout
         from tether.rollout.hf import HFGenerateBackend
 
         backend = HFGenerateBackend(model, tokenizer, **backend_kwargs)
+        episodes = make_episode_runner(tokenizer) if make_episode_runner is not None else None
         while True:
             request = requests.get()
             if request is None:
                 return
             request_id, rows, group_size = request
-            with lock:  # the weights cannot change under a batch
+            with lock:  # the weights cannot change under a batch (nor between an episode's turns)
                 v = version.value
-                rollout = backend.generate(rows, [row["prompt"] for row in rows], group_size=group_size)
+                if episodes is not None:
+                    done = episodes.run(rows, backend.sample_tokens, group_size=group_size)
+                    rollout = episodes_to_rollout(done, pad_token_id=tokenizer.pad_token_id, group_size=group_size)
+                else:
+                    rollout = backend.generate(rows, [row["prompt"] for row in rows], group_size=group_size)
             if after_sampling is not None:  # outside the lock: it must not read the weights published
                 after_sampling(model, rollout)
             results.put(("ok", request_id, v, rollout))
@@ -94,11 +100,14 @@ class AsyncGenerator:
 
     `after_sampling(worker_policy, rollout)`, if given, runs in the worker on each batch after sampling it,
     outside the lock (so it must not depend on the trained weights: the frozen reference's log-probs); it
-    must be picklable, as it travels to the spawned worker."""
+    must be picklable, as it travels to the spawned worker. `make_episode_runner(tokenizer)`, if given,
+    builds the worker's own episode runner (its environments live in the worker), and each batch is
+    group_size episodes of each row instead of completions."""
 
     def __init__(self, policy: nn.Module, tokenizer, *, backend_kwargs: dict, max_staleness: int, threads: int,
                  seed: int, group_size: int, timeout_s: float = 3600.0,
-                 after_sampling: Callable[[nn.Module, Rollout], None] | None = None):
+                 after_sampling: Callable[[nn.Module, Rollout], None] | None = None,
+                 make_episode_runner: Callable | None = None):
         if max_staleness < 1:
             raise ValueError("max_staleness must be >= 1 for asynchronous rollouts")
         self.max_staleness, self.group_size, self.timeout_s = max_staleness, group_size, timeout_s
@@ -113,7 +122,8 @@ class AsyncGenerator:
         self.next_id = 0
         self.process = ctx.Process(target=_worker_main, daemon=True, name="tether-generate",
                                    args=(self.copy, tokenizer, backend_kwargs, threads, seed, self.requests,
-                                         self.results, self.lock, self.version, after_sampling))
+                                         self.results, self.lock, self.version, after_sampling,
+                                         make_episode_runner))
         self.process.start()
         atexit.register(self.close)
 

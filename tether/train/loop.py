@@ -114,7 +114,7 @@ class Trainer:
         # reference pass on what it sampled; close() stops it.
         self.async_generator = make_async_generator(
             cfg, self.models.policy, self.tokenizer, autocast_dtype=self.models.autocast_dtype,
-            after_sampling=WorkerReferencePass.for_run(cfg, self.models) if cfg.rollout.max_staleness else None)
+            context_window=self.models.context_window, after_sampling=WorkerReferencePass.for_run(cfg, self.models) if cfg.rollout.max_staleness else None)
         self.step_count = 0
         self._first_step_memory_released = False
         if self.run_dir is not None and self.dist.is_main:
