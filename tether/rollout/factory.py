@@ -48,11 +48,12 @@ def make_async_generator(cfg: TrainConfig, policy: torch.nn.Module, tokenizer, *
 
     kwargs = hf_backend_kwargs(cfg, autocast_dtype=autocast_dtype, fsdp=False)
     kwargs["weights_dtype"] = None  # the worker's shared copy is its own copy already
+    episode_runner_factory = (functools.partial(make_episode_runner, cfg, context_window=context_window)
+                              if cfg.env.name is not None else None)
     return AsyncGenerator(policy, tokenizer, backend_kwargs=kwargs, max_staleness=r.max_staleness,
                           threads=r.async_threads, seed=cfg.seed + 1, group_size=r.group_size,
                           after_sampling=after_sampling,
-                          make_episode_runner=(functools.partial(make_episode_runner, cfg, context_window=context_window)
-                                               if cfg.env.name is not None else None))
+                          make_episode_runner=episode_runner_factory)
 
 
 def make_episode_runner(cfg: TrainConfig, tokenizer, *, context_window: int | None):

@@ -112,9 +112,10 @@ class Trainer:
         self.health = Health(cfg.optim.max_bad_steps, cfg.optim.max_weight_growth, cfg.optim.lr)
         # rollout.max_staleness > 0: a worker process samples ahead (rollout/async_worker.py), and runs the
         # reference pass on what it sampled; close() stops it.
+        worker_reference = WorkerReferencePass.for_run(cfg, self.models) if cfg.rollout.max_staleness else None
         self.async_generator = make_async_generator(
             cfg, self.models.policy, self.tokenizer, autocast_dtype=self.models.autocast_dtype,
-            context_window=self.models.context_window, after_sampling=WorkerReferencePass.for_run(cfg, self.models) if cfg.rollout.max_staleness else None)
+            context_window=self.models.context_window, after_sampling=worker_reference)
         self.step_count = 0
         self._first_step_memory_released = False
         if self.run_dir is not None and self.dist.is_main:
