@@ -57,7 +57,7 @@ def test_collect_refills_filtered_groups_from_further_prompts():
     sampler = PromptSampler(rows, batch_size=2, seed=0, shuffle=False)
     rollout, info = collect(cfg, sampler, backend, RewardScorer([exact]), Dist(), pad_token_id=0,
                             device=torch.device("cpu"))
-    assert backend.calls == 2 and info.filtered_groups == 2
+    assert backend.calls == info.generation_rounds == 2 and info.filtered_groups == 2
     assert rollout.prompts == ["mixed", "mixed", "mixed2", "mixed2"]
     assert rollout.scores_B.tolist() == [1.0, 0.0, 1.0, 0.0]
     assert rollout.reward_stats["reward/exact/mean"] == pytest.approx(2 / 8)  # all 8 scored samples

@@ -29,6 +29,7 @@ class CollectInfo:
 
     seconds: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "score": 0.0})
     filtered_groups: int = 0
+    generation_rounds: int = 0  # DAPO refill: each round samples prompts_per_step fresh prompts x group_size
     staleness: int | None = None  # asynchronous rollouts: updates between the sampling policy and this one
 
 
@@ -118,6 +119,7 @@ def collect(cfg: TrainConfig, sampler, backend, reward: Callable | None, dist: D
         t0 = time.perf_counter()
         rollout = _generate(backend, rows, r.group_size, healthy, episodes, pad_token_id)
         info.seconds["generate"] += time.perf_counter() - t0
+        info.generation_rounds += 1
         t0 = time.perf_counter()
         score_round(rollout, reward, cfg, device)
         info.seconds["score"] += time.perf_counter() - t0

@@ -202,6 +202,7 @@ class Trainer:
         stats.update(rollout_stats(rollout, dist))
         if cfg.algorithm.filter_groups:
             stats["rollout/filtered_groups"] = float(info.filtered_groups)
+            stats["rollout/generation_rounds"] = float(info.generation_rounds)
         if info.staleness is not None:
             stats["rollout/staleness"] = float(info.staleness)
         stats["kl/beta"] = self.beta
