@@ -32,7 +32,8 @@ from tether.train.loop import Trainer, configure_process  # noqa: E402
 def run(model: Path, steps: int, asynchronous: bool, chat: bool) -> dict:
     over = {"threads": "1", "rollout.max_staleness": 1, "rollout.async_threads": 1} if asynchronous else {
         "threads": "2"}
-    cfg = resolve_config({"model": {"path": str(model), "chat_template": chat}, "algorithm": {"name": "grpo"},
+    cfg = resolve_config({"model": {"path": str(model), "chat_template": chat},
+                          "algorithm": {"name": "grpo", "minibatches": 1},  # one update a step, as measured
                           "seed": 0, "logging": {"progress": False}, "optim": {"lr": 1e-4},
                           "rollout": {"max_new_tokens": 64, "prompts_per_step": 8, "group_size": 4}},
                          [f"{k}={v}" for k, v in over.items()])

@@ -41,7 +41,7 @@ def trainer(model: Path, preset: str, estimator: str, threads: int) -> Trainer:
                           "threads": str(threads), "logging": {"progress": False},
                           "rollout": {"max_new_tokens": 32, "prompts_per_step": 8, "group_size": 4},
                           "optim": {"lr": 3e-4}},
-                         ["algorithm.beta=0.1", f"algorithm.kl_estimator={estimator}"])
+                         ["algorithm.beta=0.1", f"algorithm.kl_estimator={estimator}", "algorithm.minibatches=1"])
     rows = [{"prompt": p} for p in make_prompts(64)]
     return Trainer(cfg, rows=rows, reward_fn=RewardScorer([(digit_fraction, 1.0)]))
 

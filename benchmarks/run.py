@@ -232,7 +232,8 @@ def tether_config(model_path: str, algo: str, steps: int, *, precision: str, thr
         "model": {"path": model_path, "chat_template": chat, **PRECISIONS[precision]},
         "rollout": {"prompts_per_step": prompts_per_step, "group_size": group_size, "max_new_tokens": max_new_tokens,
                     "temperature": 1.0, "top_k": 0, "top_p": 1.0, "micro_batch_size": 64},
-        "algorithm": {"name": name},
+        # One update per batch for GRPO, as TRL's GRPOTrainer takes (the preset's default is two minibatches).
+        "algorithm": {"name": name, **({"minibatches": 1} if name == "grpo" else {})},
         "optim": {"lr": 1e-5, "critic_lr": 1e-5, "micro_batch_size": 32},
     }
     for variant in variants:

@@ -133,7 +133,7 @@ def test_grpo_and_lora_steps_on_the_real_vocabulary(smollm2_small):
         assert m["rollout/logprob_mismatch_max"] < 1e-4, m["rollout/logprob_mismatch_max"]
         assert m["rollout/logprob_mismatch_mean"] < 2e-5, m["rollout/logprob_mismatch_mean"]
         assert m["policy/first_minibatch_ratio_dev"] < 1e-5 and math.isfinite(m["loss/total"])
-        assert m["update/optimizer_steps"] == 1 and m["completion/tokens"] > 0
+        assert m["update/optimizer_steps"] == t.cfg.algorithm.minibatches and m["completion/tokens"] > 0
 
 
 @requires_smollm2
@@ -141,9 +141,10 @@ def test_checkpoint_resume_and_eval_on_the_real_model(smollm2_small, tmp_path, c
     t = trainer(smollm2_small, run_dir=tmp_path / "run")
     t.step()
     path = t.save(keep_last=2)
+    a = t.step().metrics  # before the second trainer loads: the RNG is process-wide, and load() restores it
     again = trainer(smollm2_small, run_dir=tmp_path / "run2")
     again.load(path)
-    a, b = t.step().metrics, again.step().metrics
+    b = again.step().metrics
     assert a["reward/mean"] == b["reward/mean"] and a["loss/policy"] == pytest.approx(b["loss/policy"], abs=1e-6)
     data = tmp_path / "q.jsonl"
     data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS[:3]))

@@ -120,7 +120,7 @@ def test_the_worker_computes_the_reference_logprobs_the_trainer_would(llama, lor
     def not_in_the_trainer(*args, **kwargs):
         raise AssertionError("the trainer ran the reference pass")
 
-    over = {"rollout.max_staleness": 1}
+    over = {"rollout.max_staleness": 1, "algorithm.minibatches": 1}  # one update: no separate pi_old pass
     if lora:
         over.update({"model.lora.r": 4, "model.lora.alpha": 8})
     t = make_trainer(llama, **over)
