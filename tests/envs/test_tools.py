@@ -111,6 +111,18 @@ def test_python_tool_runs_in_the_sandbox_with_a_timeout():
     assert fb.info["tool_errors"] == 1 and "killed" in fb.messages[0]["content"]
 
 
+def test_python_tool_prints_a_final_expression_as_a_repl_does():
+    from tether.envs.builtin import print_last_expression, python
+
+    assert python("2**100 % 997") == str(2**100 % 997)
+    assert python("x = 6\nx * 7") == "42"
+    assert python("print(3)") == "3"  # print's own None is not shown again
+    assert python("'a' + 'b'") == "'ab'"  # the repr, as a REPL shows it
+    assert python("y = 1") == "(no output; exit code 0)"
+    assert print_last_expression("def f(:") == "def f(:"  # left for the sandbox to report
+    assert "SyntaxError" in python("def f(:")
+
+
 def test_guess_number_replies_higher_lower_and_rewards_the_find():
     env = GuessNumberEnv()
     env.reset({"prompt": "Guess 1-20:", "secret": 13})

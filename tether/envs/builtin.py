@@ -68,18 +68,35 @@ class CalculatorEnv(ToolEnvironment):
 
 
 def python(code: str) -> str:
-    """Run Python code in a sandbox and return what it prints (stdout, then stderr).
+    """Run Python code in a sandbox and return what it prints (stdout, then stderr). As in a REPL, the value of
+    a final expression is printed too.
 
     Args:
-        code: a Python program; print the values you need
+        code: a Python program or expression, for example "2**100 % 997"
     """
     from tether.rewards.sandbox import run_sandboxed
 
-    result = run_sandboxed(code, timeout_s=PythonEnv.code_timeout_s)
+    result = run_sandboxed(print_last_expression(code), timeout_s=PythonEnv.code_timeout_s)
     if result.timed_out:
         raise TimeoutError(f"the program ran past {PythonEnv.code_timeout_s:g} s and was killed")
     text = result.stdout + (("\n" + result.stderr) if result.stderr else "")
     return text.strip() or f"(no output; exit code {result.returncode})"
+
+
+def print_last_expression(code: str) -> str:
+    """`code` with its final expression statement, if any, printed as a REPL shows it (its repr, unless it is
+    None), so that `2**100 % 997` answers as `print(2**100 % 997)` does. Code that does not parse is returned
+    unchanged: the sandbox reports the SyntaxError as the program's output."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: a null byte
+        return code
+    if not tree.body or not isinstance(tree.body[-1], ast.Expr):
+        return code
+    value = ast.unparse(tree.body[-1].value)
+    head = ast.unparse(ast.Module(body=tree.body[:-1], type_ignores=[]))
+    shown = f"__value__ = ({value})\nif __value__ is not None:\n    print(repr(__value__))\n"
+    return f"{head}\n{shown}" if head else shown
 
 
 class PythonEnv(ToolEnvironment):

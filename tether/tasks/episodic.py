@@ -13,16 +13,22 @@ assistant turns only (train/sft.py).
   which finds far numbers too late). Within the default 5 turns bisection always wins, linear search only when
   the secret is near the middle. The secret is never shown to the policy, so evaluation plays every secret
   (fresh games); with `eval_fraction` > 0 some secrets are held out of training instead.
-* `python_math` (PythonMathTask): questions that need a program (large powers modulo a prime, digit sums
-  of factorials); for real models with the `python` tool. Demonstrations call the tool with a program.
+* `python_math` (PythonMathTask): "37**482 % 1000003 = ?" or "sum(map(int, str(37**482))) = ?": Python
+  expressions too big for the head and instant for the interpreter; the `python` tool runs code in the sandbox
+  and, as a REPL, prints a final expression's value. Demonstrations call <tool_call>python("37**482 %
+  1000003")</tool_call>, read the result and answer with it, except a share `demo_error_rate` (0.6) that
+  answer at once, "about N", with an estimate (a x b mod the modulus; 4.5 per digit of the power): nearly
+  always wrong. "about" outweighs "<tool_call>" as a first token, so greedy imitation answers at once (0%);
+  RL finds the tool. The question opens with the expression that the program repeats, so that the tiny model
+  learns the copy within a few hundred SFT steps (a question in words took it far longer).
 """
 
 from __future__ import annotations
 
-import math
-
 from tether.envs.builtin import calc
 from tether.tasks.base import Task, _check_probability
+
+MODULUS = 1000003  # a prime: python_math's powers are taken modulo it
 
 
 class EpisodicTask(Task):
@@ -134,13 +140,22 @@ class GuessNumberTask(EpisodicTask):
 class PythonMathTask(EpisodicTask):
     name = "python_math"
     environment = "python"
-    env_defaults = {"env": {"max_turns": 3, "max_tokens": 512}, "rollout": {"max_new_tokens": 160}}
+    # Sized for the tiny model's default job (the digit-sum call, the longest turn, is 57 characters); a real
+    # model that writes longer programs wants more turns and tokens.
+    env_defaults = {"env": {"max_turns": 3, "max_tokens": 176}, "rollout": {"max_new_tokens": 80}}
+    model_defaults = {"max_positions": 192}
 
-    def __init__(self, eval_fraction: float = 0.2):
+    KINDS = ("powmod", "digitsum")  # task.options={"kinds": [...]} picks a subset
+
+    def __init__(self, demo_error_rate: float = 0.6, eval_fraction: float = 0.2, kinds: tuple = KINDS):
+        self.demo_error_rate = _check_probability("demo_error_rate", demo_error_rate)
         self.eval_fraction = _check_probability("eval_fraction", eval_fraction)
+        if not kinds or set(kinds) - set(self.KINDS):
+            raise ValueError(f"kinds must be a non-empty subset of {self.KINDS}, got {kinds!r}")
+        self.kinds = tuple(kinds)
 
     def _draw(self, rng):
-        return rng.choice(("powmod", "digitsum")), rng.randint(20, 99), rng.randint(100, 999)
+        return rng.choice(self.kinds), rng.randint(20, 99), rng.randint(300, 999)
 
     def _key(self, problem) -> str:
         return "|".join(map(str, problem))
@@ -148,21 +163,27 @@ class PythonMathTask(EpisodicTask):
     def _prompt(self, problem) -> str:
         kind, a, b = problem
         if kind == "powmod":
-            return f"What is {a}^{b} modulo 1000003? Use the python tool, then reply with just the number."
-        return f"What is the sum of the digits of {b}!? Use the python tool, then reply with just the number."
+            return f"{a}**{b} % {MODULUS} = ?"
+        return f"sum(map(int, str({a}**{b}))) = ?"
 
     def _answer(self, problem) -> str:
         kind, a, b = problem
-        return str(pow(a, b, 1000003) if kind == "powmod" else sum(map(int, str(math.factorial(b)))))
+        return str(pow(a, b, MODULUS) if kind == "powmod" else sum(map(int, str(a ** b))))
+
+    def _estimate(self, problem) -> int:
+        """The flawed demonstrations' answer without the tool: a x b mod the modulus for the power, and 4.5 per
+        digit for the digit sum (right in expectation, almost never exactly)."""
+        kind, a, b = problem
+        return (a * b) % MODULUS if kind == "powmod" else 9 * len(str(a ** b)) // 2
 
     def _demonstrate(self, problem, rng):
         kind, a, b = problem
-        code = (f"print(pow({a}, {b}, 1000003))" if kind == "powmod"
-                else f"import math\nprint(sum(map(int, str(math.factorial({b})))))")
-        import json
-
-        call = json.dumps({"name": "python", "arguments": {"code": code}})
-        return [{"role": "assistant", "content": f"<tool_call>{call}</tool_call>"},
+        if rng.random() < self.demo_error_rate:
+            estimate = self._estimate(problem)
+            return [{"role": "assistant", "content": f"about {estimate}"}], str(estimate) != self._answer(problem)
+        # The program is the question's expression (the tool prints a final expression's value, as a REPL).
+        code = f"{a}**{b} % {MODULUS}" if kind == "powmod" else f"sum(map(int, str({a}**{b})))"
+        return [{"role": "assistant", "content": f'<tool_call>python("{code}")</tool_call>'},
                 {"role": "tool", "content": self._answer(problem)},
                 {"role": "assistant", "content": self._answer(problem)}], False
 
