@@ -2,9 +2,10 @@
 
 A user picks one with `algorithm.name=...` and overrides any field after it; nothing here is code.
 
-Updates per batch: the critic-free presets take two optimiser steps per batch of samples (minibatches 2, one
-epoch), as verl's mini-batch updates do, where the GRPO and RLOO papers' runs took one (DAPO keeps one: its
-refilled batch can end short of a full one, in any number of sequences). Measured with
+Updates per batch: GRPO, Dr. GRPO and RLOO take two optimiser steps per batch of samples (minibatches 2, one
+epoch), as GSPO, CISPO, SAPO and the REINFORCE++ presets do and as verl's mini-batch updates do, where the GRPO
+and RLOO papers' runs took one. DAPO keeps one: its refilled batch can end short of a full one, in any number
+of sequences; plain REINFORCE and OPD keep one as well. Measured with
 benchmarks/learning.py (arithmetic from the SFT model, 5 seeds, equal samples): GRPO with two minibatches is
 +7.5 +- 2.3 points ahead of one after 320 samples and level with it at 1280, for one extra no-grad pass over
 the batch (pi_old); REINFORCE++ (`reinforce_pp`) learns fastest per sample of all presets (+13.7 +- 1.5 over
