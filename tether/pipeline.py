@@ -45,7 +45,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TETHER_CACHE", Path.home() / ".cache" / "tether"))
 
 
-def _key(obj: dict) -> str:
+def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -63,7 +63,10 @@ def prepare_sft_model(cfg: TrainConfig, echo=print) -> tuple[Path, dict]:
     if cfg.task.sft_steps:
         sft_kw["steps"] = cfg.task.sft_steps
     spec = {"task": task_name, "options": cfg.task.options, "model": model_kw, "sft": sft_kw if cfg.task.sft else None,
-            "seed": cfg.seed, "version": 1}
+            "seed": cfg.seed, "version": 1,
+            # The task's first demonstrations, digested: when a release changes a task's prompts or
+            # demonstrations, the cache builds a new SFT model instead of reusing one trained on the old ones.
+            "demonstrations": _key(task.demonstrations(4, seed=cfg.seed)) if cfg.task.sft else None}
     root = cache_dir() / "pipeline" / f"{task_name}-{_key(spec)}"
     final = root / ("sft" if cfg.task.sft else "base")
     info_path = root / "info.json"
