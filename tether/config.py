@@ -93,8 +93,9 @@ class ModelConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = knob("hf", "Generation backend: HF generate, or vLLM (GPU, optional extra).",
-                        choices=("hf", "vllm"))
+    backend: str = knob("hf", "Generation backend: HF generate, vLLM colocated with the trainer (GPU, optional "
+                              "extra), or a separate `vllm serve` at rollout.vllm_server_url (vllm-server).",
+                        choices=("hf", "vllm", "vllm-server"))
     prompts_per_step: int = knob(8, "Prompts drawn per step.", ge=1)
     group_size: int = knob(4, "Completions sampled per prompt (G).", ge=1)
     max_new_tokens: int = knob(16, "Maximum completion length in tokens.", ge=1)
@@ -140,9 +141,13 @@ class RolloutConfig:
                                               gt=0, le=1)
     vllm_sleep: bool = knob(False, "vLLM backend: sleep mode around the update (vLLM's weights to host memory "
                                    "and its KV cache freed while the trainer steps; woken for the weight sync).")
-    vllm_sync_bucket_mb: float = knob(256.0, "vLLM backend: weights pushed after each update in calls of at "
+    vllm_sync_bucket_mb: float = knob(256.0, "vLLM backends: weights pushed after each update in calls of at "
                                              "most this many MiB (one call per parameter is slow for large "
                                              "models).", gt=0)
+    vllm_server_url: str = knob("http://localhost:8000", "vllm-server backend: the `vllm serve` server to sample "
+                                                         "from (started as rollout/vllm_server.py says).")
+    vllm_server_timeout: float = knob(600.0, "vllm-server backend: seconds one request (a batch's generation, a "
+                                             "weight bucket) may take before the run stops with an error.", gt=0)
 
 
 @dataclass
@@ -581,6 +586,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.env.name is not None and r.backend != "hf":
         raise ConfigError(f"env.name={cfg.env.name!r}: episodes are sampled with rollout.backend=hf for now "
                           f"(got {r.backend!r})")
+    if r.backend == "vllm-server" and r.vllm_sleep:
+        raise ConfigError("rollout.vllm_sleep frees a colocated vLLM's memory for the update; a vllm-server "
+                          "samples on GPUs of its own: drop rollout.vllm_sleep (or use rollout.backend=vllm)")
     if cfg.env.name is not None and r.stop_strings:
         raise ConfigError("env.name with rollout.stop_strings: a model turn ends at its end-of-turn token; "
                           "drop rollout.stop_strings")
@@ -625,6 +633,9 @@ def validate_for_world(cfg: TrainConfig, world_size: int) -> None:
         return
     if r.max_staleness > 0:
         raise ConfigError("rollout.max_staleness > 0 (asynchronous rollouts) runs on one process for now")
+    if r.backend == "vllm-server":
+        raise ConfigError("rollout.backend=vllm-server trains on one process for now (one weight-transfer group "
+                          "per server); scale the server's generation with its own tensor parallelism")
     if m.master_weights:
         raise ConfigError("model.master_weights=true runs on one process for now: use model.autocast="
                           "bfloat16 with several ranks")

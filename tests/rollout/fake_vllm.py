@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import pickle
 import types
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +35,7 @@ from transformers import AutoModelForCausalLM, TemperatureLogitsWarper, TopKLogi
 __version__ = "0.11.0"
 
 ENGINE_ARGS = {"max_model_len", "enable_prefix_caching", "logprobs_mode", "worker_extension_cls",
-               "enable_sleep_mode", "max_num_batched_tokens", "distributed_executor_backend"}
+               "enable_sleep_mode", "max_num_batched_tokens", "distributed_executor_backend", "tensor_parallel_size"}
 LOGPROBS_MODES = ("raw_logits", "raw_logprobs", "processed_logits", "processed_logprobs")
 
 
@@ -104,8 +105,13 @@ class FakeModel:
 
 
 class WorkerBase:
-    def __init__(self, hf_model):
-        self.model_runner = types.SimpleNamespace(model=FakeModel(hf_model))
+    """vLLM's V1 worker as an extension sees it: `rank` (global), `device`, `vllm_config`, `model_runner`."""
+
+    def __init__(self, hf_model, rank: int, logprobs_mode: str):
+        self.rank, self.device = rank, torch.device("cpu")
+        self.vllm_config = types.SimpleNamespace(model_config=types.SimpleNamespace(logprobs_mode=logprobs_mode))
+        model = FakeModel(hf_model)
+        self.model_runner = types.SimpleNamespace(model=model, get_model=lambda: model.hf)
 
 
 class LLM:
@@ -125,7 +131,11 @@ class LLM:
         if ext:
             module, _, name = ext.rpartition(".")
             bases.insert(0, getattr(importlib.import_module(module), name))
-        self.worker = type("Worker", tuple(bases), {})(self.hf)
+        worker_cls = type("Worker", tuple(bases), {})
+        # Tensor parallelism: one worker per rank (here each holds the whole model; vLLM's load_weights
+        # takes every rank's shard from the full tensors it is given).
+        self.workers = [worker_cls(self.hf, rank, mode) for rank in range(kwargs.get("tensor_parallel_size", 1))]
+        self.worker = self.workers[0]
         self.sleep_mode = kwargs.get("enable_sleep_mode", False)
         self.asleep: set[str] = set()
 
@@ -134,8 +144,11 @@ class LLM:
         if "weights" in self.asleep:
             raise RuntimeError("collective_rpc into sleeping weights: wake_up(tags=['weights']) first")
         args, kwargs = pickle.loads(pickle.dumps((args, kwargs or {})))  # what reaches the engine core
-        fn = getattr(self.worker, method) if isinstance(method, str) else types.MethodType(method, self.worker)
-        return [fn(*args, **kwargs)]
+        fns = [getattr(w, method) if isinstance(method, str) else types.MethodType(method, w) for w in self.workers]
+        if len(fns) == 1:
+            return [fns[0](*args, **kwargs)]
+        with ThreadPoolExecutor(len(fns)) as pool:  # each worker is a process of its own in vLLM
+            return [f.result() for f in [pool.submit(fn, *args, **kwargs) for fn in fns]]
 
     def sleep(self, level: int = 1) -> None:
         if not self.sleep_mode:
@@ -194,3 +207,38 @@ class LLM:
                                              finish_reason=finish))
             results.append(RequestOutput(str(r), None, list(prompt["prompt_token_ids"]), outs))
         return results
+
+
+# vllm.distributed.utils.StatelessProcessGroup and vllm.distributed.device_communicators.pynccl.PyNcclCommunicator,
+# as the weight transfer of a `vllm serve` server uses them (0.11.0's signatures). vLLM's group is a TCPStore
+# for metadata with NCCL for the tensors; here the store carries the tensors too, so that the trainer and the
+# fake server's workers (threads) can broadcast on CPU.
+
+
+class StatelessProcessGroup:
+    def __init__(self, rank: int, world_size: int, store):
+        self.rank, self.world_size, self.store = rank, world_size, store
+
+    @staticmethod
+    def create(host: str, port: int, rank: int, world_size: int, data_expiration_seconds: int = 3600,
+               store_timeout: int = 300) -> "StatelessProcessGroup":
+        from datetime import timedelta
+
+        store = torch.distributed.TCPStore(host, port, world_size, is_master=rank == 0,
+                                           timeout=timedelta(seconds=store_timeout))
+        return StatelessProcessGroup(rank, world_size, store)
+
+
+class PyNcclCommunicator:
+    def __init__(self, group: StatelessProcessGroup, device, library_path: str | None = None):
+        self.group, self.device, self.broadcasts = group, torch.device(device), 0
+
+    def broadcast(self, tensor: torch.Tensor, src: int, stream=None) -> None:
+        assert tensor.device == self.device, (tensor.device, self.device)
+        key = f"broadcast/{self.broadcasts}"
+        self.broadcasts += 1
+        if self.group.rank == src:
+            self.group.store.set(key, tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        else:
+            data = bytearray(self.group.store.get(key))
+            tensor.copy_(torch.frombuffer(data, dtype=torch.uint8).view(tensor.dtype).view(tensor.shape))

@@ -1,4 +1,5 @@
-"""The sampler backend a run's config asks for: HF `generate` (CPU or GPU) or vLLM (GPU)."""
+"""The sampler backend a run's config asks for: HF `generate` (CPU or GPU), vLLM colocated (GPU), or a vLLM
+server."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ def make_backend(cfg: TrainConfig, policy: torch.nn.Module, tokenizer, *, autoca
 
         return VLLMBackend(policy, tokenizer, m.path, r, chat_template=m.chat_template,
                            system_prompt=m.system_prompt, seed=cfg.seed)
+    if r.backend == "vllm-server":
+        from tether.rollout.vllm_server import VLLMServerBackend
+
+        return VLLMServerBackend(policy, tokenizer, r, chat_template=m.chat_template, system_prompt=m.system_prompt)
     from tether.rollout.hf import HFGenerateBackend
 
     return HFGenerateBackend(policy, tokenizer, **hf_backend_kwargs(cfg, autocast_dtype=autocast_dtype, fsdp=fsdp))

@@ -1,5 +1,6 @@
 """Rollouts with vLLM (GPU, optional extra: `pip install "tether[vllm]"`), colocated with the trainer, on
-vLLM's V1 engine.
+vLLM's V1 engine. A separate `vllm serve` on GPUs of its own is `vllm_server.py`, which shares the weight
+naming, the buckets and the batch assembly below.
 
 Written against vLLM 0.10.2 - 0.11.x (the extra's range, `SUPPORTED`), read from its source:
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -92,15 +94,18 @@ def hf_weight_names(policy: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, tensor
 
 
-def buckets(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Consecutive (name, CPU tensor) lists of at most `max_bytes` each (a larger tensor goes alone)."""
+def buckets(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int, *, to_cpu: bool = True,
+            one_dtype: bool = False) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive (name, tensor) lists of at most `max_bytes` each (a larger tensor goes alone): CPU copies
+    (`to_cpu`, for a transport between processes) or the tensors where they are; with `one_dtype` a bucket
+    also ends where the dtype changes (it travels as one flat tensor)."""
     bucket, size = [], 0
     for name, tensor in named:
         nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > max_bytes:
+        if bucket and (size + nbytes > max_bytes or (one_dtype and tensor.dtype != bucket[0][1].dtype)):
             yield bucket
             bucket, size = [], 0
-        bucket.append((name, tensor.detach().to("cpu", copy=True).contiguous()))
+        bucket.append((name, tensor.detach().to("cpu", copy=True).contiguous() if to_cpu else tensor.detach()))
         size += nbytes
     if bucket:
         yield bucket
@@ -166,28 +171,51 @@ class VLLMBackend:
         if c.vllm_sleep:
             self.llm.sleep(level=1)
             self.sleeping = True
-        samples = [(i, o) for i, out in enumerate(outputs) for o in out.outputs]
-        T = max(max(len(o.token_ids) for _, o in samples), 1)
-        B = len(samples)
-        comp = torch.full((B, T), self.tokenizer.pad_token_id, dtype=torch.long)
-        lps = torch.zeros(B, T)
-        gen_len = torch.zeros(B, dtype=torch.long)
-        for b, (_, o) in enumerate(samples):
-            ids = list(o.token_ids)
-            comp[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            gen_len[b] = len(ids)
-            for t, (tok, lp) in enumerate(zip(ids, o.logprobs or [])):
-                lps[b, t] = lp[tok].logprob
-        mask, _ = completion_mask(comp, self.eos, gen_len)
-        truncated = torch.tensor([o.finish_reason == "length" for _, o in samples])
-        src = torch.tensor([i for i, _ in samples])
-        comp = torch.where(mask.bool(), comp, self.tokenizer.pad_token_id)
-        return Rollout(
-            input_ids_BL=torch.cat([prompt_ids[src], comp], 1).to(device),
-            attention_mask_BL=torch.cat([prompt_mask[src], mask.long()], 1).to(device),
-            prompt_len=prompt_ids.shape[1], response_mask_BT=mask.to(device),
-            sampler_logprobs_BT=torch.where(mask.bool(), lps, 0.0).to(device), truncated_B=truncated.to(device),
-            prompts=[prompts[i] for i, _ in samples],
-            completions=self.tokenizer.batch_decode(comp, skip_special_tokens=True),
-            rows=[rows[i] for i, _ in samples], group_size=group_size,
-        )
+        samples = [Sample(i, list(o.token_ids), [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs or [])],
+                          o.finish_reason) for i, out in enumerate(outputs) for o in out.outputs]
+        return rollout_from_samples(samples, self.tokenizer, self.eos, prompt_ids, prompt_mask, rows, prompts,
+                                    group_size=group_size, device=device)
+
+
+@dataclass
+class Sample:
+    """One completion as a vLLM engine returns it: the prompt it answers (an index into the prompts sent), the
+    sampled token ids and their recorded log-probs, and why it ended ('stop' or 'length')."""
+
+    prompt_index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None
+
+
+def rollout_from_samples(samples: list[Sample], tokenizer, eos: list[int], prompt_ids_PL: torch.Tensor,
+                         prompt_mask_PL: torch.Tensor, rows: list[dict], prompts: list, *, group_size: int,
+                         device: torch.device) -> Rollout:
+    """The training batch from vLLM's samples, token out: each completion's ids exactly as sampled, after the
+    prompt ids that were sent (left-padded, as the trainer lays prompts out), masked through the first end
+    token; the text is decoded once, for the rewards."""
+    T = max(max((len(s.token_ids) for s in samples), default=1), 1)
+    B = len(samples)
+    comp = torch.full((B, T), tokenizer.pad_token_id, dtype=torch.long)
+    lps = torch.zeros(B, T)
+    gen_len = torch.zeros(B, dtype=torch.long)
+    for b, s in enumerate(samples):
+        if len(s.logprobs) != len(s.token_ids):
+            raise RuntimeError(f"vLLM returned {len(s.logprobs)} log-probs for {len(s.token_ids)} sampled tokens "
+                               "(sampling parameters must ask for logprobs=0)")
+        comp[b, :len(s.token_ids)] = torch.tensor(s.token_ids, dtype=torch.long)
+        lps[b, :len(s.logprobs)] = torch.tensor(s.logprobs, dtype=torch.float32)
+        gen_len[b] = len(s.token_ids)
+    mask, _ = completion_mask(comp, eos, gen_len)
+    truncated = torch.tensor([s.finish_reason == "length" for s in samples])
+    src = torch.tensor([s.prompt_index for s in samples])
+    comp = torch.where(mask.bool(), comp, tokenizer.pad_token_id)
+    return Rollout(
+        input_ids_BL=torch.cat([prompt_ids_PL[src], comp], 1).to(device),
+        attention_mask_BL=torch.cat([prompt_mask_PL[src], mask.long()], 1).to(device),
+        prompt_len=prompt_ids_PL.shape[1], response_mask_BT=mask.to(device),
+        sampler_logprobs_BT=torch.where(mask.bool(), lps, 0.0).to(device), truncated_B=truncated.to(device),
+        prompts=[prompts[s.prompt_index] for s in samples],
+        completions=tokenizer.batch_decode(comp, skip_special_tokens=True),
+        rows=[rows[s.prompt_index] for s in samples], group_size=group_size,
+    )
