@@ -85,23 +85,76 @@ class RequestOutput:
     finished: bool = True
 
 
+# models/llama.py and qwen2.py of vLLM 0.11.0: the checkpoint's q/k/v and gate/up projections load into fused
+# parameters, each as a shard (LlamaModel.load_weights' stacked_params_mapping).
+STACKED = ((".qkv_proj", ".q_proj", "q"), (".qkv_proj", ".k_proj", "k"), (".qkv_proj", ".v_proj", "v"),
+           (".gate_up_proj", ".gate_proj", 0), (".gate_up_proj", ".up_proj", 1))
+
+
+def vllm_parameters(config) -> dict[str, set]:
+    """The parameter names of vLLM 0.11.0's LlamaForCausalLM / Qwen2ForCausalLM for a Hugging Face config, each
+    with the shards it is loaded from ({None}: loaded whole). Tied embeddings: no lm_head of its own."""
+    if config.model_type in ("llama", "mistral"):  # LlamaAttention(bias=attention_bias, bias_o_proj=...)
+        qkv_bias = o_bias = bool(getattr(config, "attention_bias", False) or getattr(config, "bias", False))
+        mlp_bias = bool(getattr(config, "mlp_bias", False))
+    elif config.model_type == "qwen2":  # Qwen2Attention: qkv_proj bias=True, o_proj bias=False; MLP no bias
+        qkv_bias, o_bias, mlp_bias = True, False, False
+    else:
+        raise NotImplementedError(config.model_type)
+    params = {"model.embed_tokens.weight": {None}, "model.norm.weight": {None}}
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        fused = {"self_attn.qkv_proj": ({"q", "k", "v"}, qkv_bias), "self_attn.o_proj": ({None}, o_bias),
+                 "mlp.gate_up_proj": ({0, 1}, mlp_bias), "mlp.down_proj": ({None}, mlp_bias)}
+        for module, (shards, bias) in fused.items():
+            params[f"{layer}{module}.weight"] = shards
+            if bias:
+                params[f"{layer}{module}.bias"] = shards
+        params[f"{layer}input_layernorm.weight"] = params[f"{layer}post_attention_layernorm.weight"] = {None}
+    if not config.tie_word_embeddings:
+        params["lm_head.weight"] = {None}
+    return params
+
+
 class FakeModel:
-    """vLLM's model as load_weights sees it: Hugging Face names in, the set of names loaded out."""
+    """vLLM's model as load_weights sees it: Hugging Face checkpoint names in, mapped onto vLLM's own (fused)
+    parameter names as vLLM 0.11.0's Llama and Qwen2 do (a name with no parameter there is a KeyError, as
+    `params_dict[name]` is; lm_head skipped when tied, as AutoWeightsLoader's skip_prefixes does); the set of
+    vLLM names loaded out. `loads` records every (vLLM name, shard) loaded, so a test can check that one sync
+    filled every parameter exactly once. The weights themselves go into the HF copy that generates."""
 
     def __init__(self, hf_model):
         self.hf = hf_model
+        self.params = vllm_parameters(hf_model.config)
+        self.loads: list[tuple[str, object]] = []
 
     def load_weights(self, weights) -> set[str]:
-        params = self.hf.state_dict(keep_vars=True)  # tied weights under each of their names
+        hf_params = self.hf.state_dict(keep_vars=True)  # tied weights under each of their names
         loaded = set()
         with torch.no_grad():
             for name, tensor in weights:
-                target = params.get(name)
-                if target is None:
-                    raise KeyError(f"{name!r} is not a weight of this model")
-                target.copy_(tensor)
-                loaded.add(name)
+                if "rotary_emb.inv_freq" in name or (self.hf.config.tie_word_embeddings
+                                                     and name.startswith("lm_head.")):
+                    continue
+                target, shard = name, None
+                for param_name, weight_name, shard_id in STACKED:
+                    if weight_name in name:
+                        target, shard = name.replace(weight_name, param_name), shard_id
+                        break
+                if target not in self.params:
+                    raise KeyError(target)
+                hf_params[name].copy_(tensor)
+                self.loads.append((target, shard))
+                loaded.add(target)
         return loaded
+
+    def unfilled(self, loads: list[tuple[str, object]]) -> dict[str, object]:
+        """What `loads` leaves wrong: each vLLM parameter's shards loaded, against the shards it has."""
+        got: dict[str, list] = {}
+        for name, shard in loads:
+            got.setdefault(name, []).append(shard)
+        return {name: sorted(map(str, got.get(name, []))) for name, shards in self.params.items()
+                if sorted(map(str, got.get(name, []))) != sorted(map(str, shards))}
 
 
 class WorkerBase:

@@ -145,3 +145,40 @@ def test_an_older_vllm_is_a_clear_error(fake_vllm, llama, monkeypatch):
     monkeypatch.setattr(fake_vllm, "__version__", "0.9.2")
     with pytest.raises(VLLMVersionError, match=r"vLLM 0.9.2 is installed; .* supports >= 0.10.2, < 0.12.0"):
         trainer(llama)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory, llama):
+    """A tiny Qwen2 (biases on q/k/v, lm_head untied) with the tiny Llama's tokenizer."""
+    import shutil
+
+    from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
+
+    out = tmp_path_factory.mktemp("qwen2")
+    for f in Path(llama).iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, out / f.name)
+    base = AutoConfig.from_pretrained(llama)
+    config = Qwen2Config(vocab_size=base.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id,
+                         pad_token_id=base.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_one_sync_fills_every_vllm_parameter_exactly_once(fake_vllm, llama, qwen2, arch, lora):
+    """vLLM's Llama and Qwen2 fuse q/k/v and gate/up: every fused parameter must get each of its shards, every
+    other parameter its weight, once per sync, from the names tether sends (LoRA merged for the copy)."""
+    over = {"model.lora.r": 4, "model.lora.alpha": 8} if lora else {}
+    t = trainer(llama if arch == "llama" else qwen2, **over)
+    model = t.backend.llm.worker.model_runner.model
+    assert ("model.layers.0.self_attn.qkv_proj.bias" in model.params) == (arch == "qwen2")
+    assert ("lm_head.weight" in model.params) == (arch == "qwen2")  # the tiny Llama ties its embeddings
+    model.loads.clear()
+    t.backend.sync_weights(t.policy)
+    assert model.unfilled(model.loads) == {}
+    assert len(model.loads) == sum(len(shards) for shards in model.params.values())
