@@ -6,6 +6,10 @@ only where CUDA and vLLM are (test_vllm.py)."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -173,6 +177,8 @@ def qwen2(tmp_path_factory, llama):
 def test_one_sync_fills_every_vllm_parameter_exactly_once(fake_vllm, llama, qwen2, arch, lora):
     """vLLM's Llama and Qwen2 fuse q/k/v and gate/up: every fused parameter must get each of its shards, every
     other parameter its weight, once per sync, from the names tether sends (LoRA merged for the copy)."""
+    from tether.rollout.vllm import hf_weight_names
+
     over = {"model.lora.r": 4, "model.lora.alpha": 8} if lora else {}
     t = trainer(llama if arch == "llama" else qwen2, **over)
     model = t.backend.llm.worker.model_runner.model
@@ -182,3 +188,69 @@ def test_one_sync_fills_every_vllm_parameter_exactly_once(fake_vllm, llama, qwen
     t.backend.sync_weights(t.policy)
     assert model.unfilled(model.loads) == {}
     assert len(model.loads) == sum(len(shards) for shards in model.params.values())
+    expected = sum(w.double().pow(2).sum().item() for _, w in hf_weight_names(t.policy))
+    assert t.backend.sum_of_squares() == [pytest.approx(expected, rel=1e-12)]
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def names_model(path: str, lora: bool):
+    """The tiny model as the sync sees it: plain, or with a LoRA adapter whose delta W is not zero."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if lora:
+        torch.manual_seed(0)  # the same adapter in every process
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.add_(0.1)
+    return model
+
+
+def _fsdp_names_worker(spec_path: str) -> None:
+    """One rank: the model sharded with FSDP2 as the trainer shards it, then the weights the sync would send."""
+    import torch.distributed as tdist
+
+    from tether.rollout.vllm import hf_weight_names
+    from tether.train.distributed import shard_model
+
+    spec = json.loads(Path(spec_path).read_text())
+    tdist.init_process_group("gloo")
+    model = shard_model(names_model(spec["model"], spec["lora"]), tdist.get_world_size())
+    sent = {name: t.detach().clone() for name, t in hf_weight_names(model)}
+    if tdist.get_rank() == 0:
+        torch.save(sent, spec["out"])
+    tdist.barrier()
+    tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fsdp_sharded_weights_go_gathered_under_the_same_names(llama, qwen2, tmp_path, lora):
+    """Under FSDP2 each rank holds a shard of every weight (and of the LoRA factors); the sync gathers them, so
+    the names and values it sends are those of the unsharded model, merged adapter included."""
+    from tether.rollout.vllm import hf_weight_names
+
+    for path in (llama, qwen2):
+        spec = tmp_path / "spec.json"
+        spec.write_text(json.dumps({"model": path, "lora": lora, "out": str(tmp_path / "sent.pt")}))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+        procs = [subprocess.Popen([sys.executable, __file__, str(spec)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+        sent = torch.load(tmp_path / "sent.pt", weights_only=True)
+        want = dict(hf_weight_names(names_model(path, lora)))
+        assert list(sent) == list(want)
+        for name, tensor in want.items():
+            torch.testing.assert_close(sent[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+if __name__ == "__main__":
+    _fsdp_names_worker(sys.argv[1])

@@ -69,6 +69,13 @@ class WeightLoader:
         self.model_runner.model.load_weights(weights=weights)
         return len(weights)
 
+    def tether_sum_of_squares(self) -> float:
+        """Sum of the squares of the served model's parameters (float64): whatever vLLM fuses or pads (with
+        zeros), it equals the trainer's over its checkpoint weights, up to vLLM's dtype. A check that a sync
+        arrived."""
+        params = self.model_runner.get_model().parameters()  # get_model: the model out of its CUDA-graph wrapper
+        return float(sum(p.detach().double().pow(2).sum().item() for p in params))
+
 
 def hf_weight_names(policy: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's weights under its Hugging Face checkpoint names, as TRL's colocated sync names them; a
@@ -76,19 +83,26 @@ def hf_weight_names(policy: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
     A LoRA policy's layers come merged, W + delta W of the active adapters (peft's get_delta_weight), computed
     for the copy only: peft's merge_adapter / unmerge_adapter would add and subtract delta W in place, and
-    leave the trained base weights off by rounding after every sync."""
+    leave the trained base weights off by rounding after every sync. Under FSDP2 every weight (and delta W)
+    is a sharded DTensor and comes gathered whole: a collective, so every rank runs the sync."""
+    from torch.distributed.tensor import DTensor
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
     modules = dict(policy.named_modules())
-    sent = set()
+    tied = ({n for n, _ in policy.named_parameters(remove_duplicate=False)}
+            - {n for n, _ in policy.named_parameters()})  # the later names of a shared parameter
     for name, tensor in policy.state_dict().items():
-        if "lora_" in name or "original_module" in name or tensor.data_ptr() in sent:
+        if "lora_" in name or "original_module" in name or name in tied:
             continue
-        sent.add(tensor.data_ptr())
+        tensor = whole(tensor)
         layer = modules.get(name.removesuffix(".base_layer.weight")) if name.endswith(".base_layer.weight") else None
         if layer is not None and hasattr(layer, "get_delta_weight") and not getattr(layer, "merged", False):
             with torch.no_grad():
                 for adapter in layer.active_adapters:
                     if adapter in getattr(layer, "lora_A", {}):
-                        tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+                        tensor = tensor + whole(layer.get_delta_weight(adapter)).to(tensor.dtype)
         name = name.removeprefix("base_model.model.").replace(".base_layer", "")
         name = name.replace("modules_to_save.default.", "").replace("_checkpoint_wrapped_module.", "")
         yield name, tensor
@@ -153,6 +167,10 @@ class VLLMBackend:
             self.llm.wake_up(tags=["kv_cache"])
             self.sleeping = False
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+
+    def sum_of_squares(self) -> list[float]:
+        """`WeightLoader.tether_sum_of_squares` of each worker."""
+        return [float(x) for x in self.llm.collective_rpc("tether_sum_of_squares")]
 
     @torch.no_grad()
     def generate(self, rows: list[dict], prompts: list, *, group_size: int) -> Rollout:

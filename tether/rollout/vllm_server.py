@@ -43,7 +43,8 @@ from torch import nn
 
 from tether.rollout.batch import Rollout
 from tether.rollout.hf import encode_prompts, eos_ids
-from tether.rollout.vllm import Sample, buckets, check_version, hf_weight_names, rollout_from_samples
+from tether.rollout.vllm import (Sample, WeightLoader, buckets, check_version, hf_weight_names,
+                                 rollout_from_samples)
 
 log = logging.getLogger("tether")
 
@@ -56,7 +57,7 @@ class VLLMServerError(RuntimeError):
     """The vLLM server cannot be reached, or was not started the way tether needs it."""
 
 
-class WeightReceiver:
+class WeightReceiver(WeightLoader):
     """Mixed into the server's worker class (`--worker-extension-cls`): methods that `/collective_rpc` runs on
     every worker, with `self` the worker (its `rank`, `device` and `model_runner` are vLLM's). Arguments arrive
     as JSON values."""
@@ -83,12 +84,6 @@ class WeightReceiver:
         pieces = [piece.view(shape) for piece, shape in zip(flat.split(numels), m["shapes"])]
         self.model_runner.model.load_weights(weights=list(zip(m["names"], pieces)))
         return len(pieces)
-
-    def tether_sum_of_squares(self) -> float:
-        """Sum of the squares of the served model's parameters (float64): whatever vLLM fuses or pads (with
-        zeros), it equals the trainer's over its checkpoint weights, up to the server's dtype."""
-        params = self.model_runner.get_model().parameters()
-        return float(sum(p.detach().double().pow(2).sum().item() for p in params))
 
 
 class ServerClient:
