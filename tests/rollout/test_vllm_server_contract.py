@@ -41,6 +41,7 @@ def fake_vllm(monkeypatch):
                         ("vllm.distributed.device_communicators.pynccl",
                          {"PyNcclCommunicator": module.PyNcclCommunicator})):
         monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(__name__=name, **attrs))
+    monkeypatch.setattr("tether.rollout.vllm_server.require_cuda", lambda backend: None)  # NCCL; a TCP store here
     return module
 
 

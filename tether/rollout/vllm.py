@@ -55,9 +55,10 @@ def check_version(version: str) -> None:
             f"< {'.'.join(map(str, hi))} (pip install \"tether[vllm]\")")
 
 
-def require_cuda() -> None:
+def require_cuda(backend: str = "vllm") -> None:
     if not torch.cuda.is_available():
-        raise RuntimeError("rollout.backend='vllm' needs a CUDA GPU; use rollout.backend=hf on CPU")
+        why = " (the weights go to the server over NCCL)" if backend == "vllm-server" else ""
+        raise RuntimeError(f"rollout.backend='{backend}' needs a CUDA GPU{why}; use rollout.backend=hf on CPU")
 
 
 class WeightLoader:

@@ -43,7 +43,7 @@ from torch import nn
 
 from tether.rollout.batch import Rollout
 from tether.rollout.hf import encode_prompts, eos_ids
-from tether.rollout.vllm import (Sample, WeightLoader, buckets, check_version, hf_weight_names,
+from tether.rollout.vllm import (Sample, WeightLoader, buckets, check_version, hf_weight_names, require_cuda,
                                  rollout_from_samples)
 
 log = logging.getLogger("tether")
@@ -145,6 +145,7 @@ class VLLMServerBackend:
             raise ImportError("rollout.backend='vllm-server' needs vLLM on the trainer's machine too (its NCCL "
                               "weight transfer): pip install 'tether[vllm]'") from e
         check_version(getattr(vllm, "__version__", "0"))
+        require_cuda("vllm-server")
         self.server = ServerClient(rollout_cfg.vllm_server_url, rollout_cfg.vllm_server_timeout)
         check_version(self.server.call("/version", method="GET")["version"])
         try:
