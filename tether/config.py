@@ -607,11 +607,9 @@ def validate(cfg: TrainConfig) -> None:
                           "top_p the policy samples from a truncated one: use k1/k2/k3 there (they are exact "
                           "for the truncated policy)")
     if r.max_staleness > 0:
-        clash = [name for name, on in (("algorithm.filter_groups (refill)", a.filter_groups),
-                                       (f"rollout.backend={r.backend}", r.backend != "hf")) if on]
-        if clash:
+        if r.backend != "hf":
             raise ConfigError(f"rollout.max_staleness={r.max_staleness} (asynchronous rollouts) does not work with "
-                              f"{', '.join(clash)} yet; use rollout.max_staleness=0 there")
+                              f"rollout.backend={r.backend} yet; use rollout.max_staleness=0 there")
     if a.overlong_buffer is not None and a.overlong_buffer > r.max_new_tokens:
         raise ConfigError(f"algorithm.overlong_buffer={a.overlong_buffer} is longer than the length budget "
                           f"rollout.max_new_tokens={r.max_new_tokens}: it must fit inside it (DAPO: a fifth).")

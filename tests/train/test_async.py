@@ -78,8 +78,8 @@ def test_resumed_async_run_continues_the_data_order(llama, tmp_path):
 
 
 def test_async_rollouts_refuse_what_they_do_not_support_yet(llama):
-    with pytest.raises(ConfigError, match="does not work with algorithm.filter_groups"):
-        make_trainer(llama, **{"rollout.max_staleness": 1, "algorithm.name": "dapo"})
+    with pytest.raises(ConfigError, match="does not work with rollout.backend=vllm yet"):
+        make_trainer(llama, **{"rollout.max_staleness": 1, "rollout.backend": "vllm"})
     from tether.config import validate_for_world
 
     raw = resolve_config({"model": {"path": llama}, "rollout": {"max_staleness": 1}}, [])
@@ -188,3 +188,32 @@ def test_the_worker_runs_whole_episodes_with_their_masks(llama):
         env_tokens = completion_region & ~ro.response_mask_BT.bool()
         assert env_tokens.any() and not (ro.loss_mask_BT.bool() & env_tokens).any()
         assert r.metrics["episode/turns_mean"] >= 1 and 0 < r.metrics["episode/env_token_frac"] < 1
+
+
+def test_dapo_refills_from_the_workers_next_batches(llama):
+    """Dynamic sampling with a worker: the groups of every prompt in the first half of the alphabet score alike
+    and are dropped, so the trainer takes further batches from the worker to refill the step. The groups kept
+    follow the data order (nothing skipped out of turn, nothing repeated), and no batch is staler than k."""
+    uniform = set("abcdefgh")
+
+    def half_flat(prompts, completions, **_):
+        return [0.0 if p in uniform else float(sum(map(ord, c)) % 7) for p, c in zip(prompts, completions)]
+
+    order_of = make_trainer(llama, **{"algorithm.name": "dapo"}).sampler  # the same seed: the same data order
+    order = [row["prompt"] for _ in range(16) for row in order_of.next_batch()]
+    raw = {"model": {"path": llama}, "algorithm": {"name": "dapo"}, "seed": 0,
+           "rollout": {"max_new_tokens": 4, "prompts_per_step": 4, "group_size": 2, "max_staleness": 1},
+           "optim": {"lr": 1e-2}, "logging": {"progress": False}}
+    t = Trainer(resolve_config(raw, []), rows=PROMPTS, reward_fn=RewardScorer([(half_flat, 1.0)]))
+    try:
+        results = [t.step() for _ in range(3)]
+    finally:
+        t.close()
+    ms = [r.metrics for r in results]
+    assert sum(m["rollout/generation_rounds"] for m in ms) > 3  # refilled at least once
+    assert all(m["rollout/staleness"] <= 1 for m in ms)
+    kept = [p for r in results for p in prompts_of(r.rollout)]
+    assert kept and not set(kept) & uniform
+    it = iter(order)
+    assert all(p in it for p in kept), (kept, order)  # a subsequence of the data order
+    assert all(math.isfinite(m["loss/total"]) for m in ms)

@@ -123,7 +123,7 @@ class Rollout:
             prompts=sum((p.prompts for p in parts), []), completions=sum((p.completions for p in parts), []),
             rows=sum((p.rows for p in parts), []), group_size=parts[0].group_size,
             turn_rewards_BT=joined("turn_rewards_BT"), episode_BK=joined("episode_BK"),
-            conversations=joined("conversations"),
+            conversations=joined("conversations"), ref_logprobs_BT=joined("ref_logprobs_BT"),
         )
         for name in ("scores_B", "valid_B"):
             vals = [getattr(p, name) for p in parts]

@@ -104,22 +104,29 @@ def collect(cfg: TrainConfig, sampler, backend, reward: Callable | None, dist: D
             async_generator=None) -> tuple[Rollout, CollectInfo]:
     """This rank's scored rollout of the step (prompts_per_step / ranks prompts x group_size completions, or
     with `episodes`, group_size episodes of each row). With `async_generator` (rollout.max_staleness > 0)
-    the batch comes from the generation worker, sampled up to max_staleness updates ago."""
+    each round comes from the generation worker, sampled up to max_staleness updates ago; DAPO's refill rounds
+    take the worker's next batches."""
     a, r = cfg.algorithm, cfg.rollout
     if reward is None and episodes is None and cfg.model.teacher_path is None:
         raise TrainingError("no reward to score completions with")
-    if async_generator is not None:
-        return _collect_async(cfg, sampler, async_generator, reward, device)
     wanted = r.prompts_per_step // dist.world_size
     info = CollectInfo()
+
+    def sample_round() -> Rollout:  # one round: prompts_per_step fresh prompts x group_size
+        t0 = time.perf_counter()
+        if async_generator is not None:
+            rollout = _from_worker(async_generator, sampler, device, info)
+        else:
+            rollout = _generate(backend, dist.shard(sampler.next_batch(), 1), r.group_size, healthy, episodes,
+                                pad_token_id)
+        info.seconds["generate"] += time.perf_counter() - t0  # async: the wait (it overlapped the update)
+        info.generation_rounds += 1
+        return rollout
+
     kept: list[Rollout] = []
     n_groups = 0
     for _ in range(1 + (a.max_filter_rounds if a.filter_groups else 0)):
-        rows = dist.shard(sampler.next_batch(), 1)
-        t0 = time.perf_counter()
-        rollout = _generate(backend, rows, r.group_size, healthy, episodes, pad_token_id)
-        info.seconds["generate"] += time.perf_counter() - t0
-        info.generation_rounds += 1
+        rollout = sample_round()
         t0 = time.perf_counter()
         score_round(rollout, reward, cfg, device)
         info.seconds["score"] += time.perf_counter() - t0
@@ -155,27 +162,23 @@ def filter_overlong(rollout: Rollout, cfg: TrainConfig) -> Rollout:
     return rollout
 
 
-def _collect_async(cfg: TrainConfig, sampler, async_generator, reward: Callable | None, device: torch.device
-                   ) -> tuple[Rollout, CollectInfo]:
+def _from_worker(async_generator, sampler, device: torch.device, info: CollectInfo) -> Rollout:
+    """The generation worker's oldest batch in flight, on the trainer's device. `info.staleness` is the most
+    updates any batch of the step lags behind (a refill round is sampled after the batch before it, so it is
+    never staler)."""
     from tether.rollout.async_worker import WorkerError
 
-    info = CollectInfo()
-    t0 = time.perf_counter()
     try:
         stale = async_generator.next(sampler)
     except WorkerError as e:
         raise TrainingError(str(e)) from None
-    info.seconds["generate"] = time.perf_counter() - t0  # the wait: generation overlapped the last update
-    info.staleness = async_generator.published - stale.version
+    info.staleness = max(info.staleness or 0, async_generator.published - stale.version)
     rollout = stale.rollout
     for name in ("input_ids_BL", "attention_mask_BL", "response_mask_BT", "sampler_logprobs_BT", "truncated_B",
                  "ref_logprobs_BT"):  # the last computed by the worker when a reference is used
         if getattr(rollout, name) is not None:
             setattr(rollout, name, getattr(rollout, name).to(device))
-    t0 = time.perf_counter()
-    score_round(rollout, reward, cfg, device)
-    info.seconds["score"] = time.perf_counter() - t0
-    return filter_overlong(rollout, cfg), info
+    return rollout
 
 
 def _generate(backend, rows: list[dict], group_size: int, healthy: bool, episodes: EpisodeRunner | None,
