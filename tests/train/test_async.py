@@ -217,3 +217,98 @@ def test_dapo_refills_from_the_workers_next_batches(llama):
     it = iter(order)
     assert all(p in it for p in kept), (kept, order)  # a subsequence of the data order
     assert all(math.isfinite(m["loss/total"]) for m in ms)
+
+
+REWARD_FILE = '''
+import os
+
+
+def pid_digits(prompts, completions, **_):
+    with open(os.environ["PID_LOG"], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+'''
+
+
+def test_the_reward_is_scored_in_the_worker_while_the_trainer_updates(llama, tmp_path, monkeypatch):
+    """A reward given as path.py:fn (its file loaded again in the worker) runs in the generation worker, not in
+    the trainer, and its scores are the ones the trainer would have computed."""
+    import os
+
+    from tether.train.run import build_reward
+
+    (tmp_path / "rewards.py").write_text(REWARD_FILE)
+    monkeypatch.setenv("PID_LOG", str(tmp_path / "pids.txt"))
+    cfg = resolve_config({"model": {"path": llama}, "algorithm": {"name": "grpo"}, "seed": 0,
+                          "rollout": {"max_new_tokens": 4, "prompts_per_step": 4, "group_size": 2,
+                                      "max_staleness": 1},
+                          "reward": {"functions": [f"{tmp_path / 'rewards.py'}:pid_digits"]},
+                          "logging": {"progress": False}}, [])
+    reward = build_reward(cfg)
+    t = Trainer(cfg, rows=PROMPTS, reward_fn=reward)
+    try:
+        results = [t.step() for _ in range(2)]
+        worker_pid = t.async_generator.process.pid
+        assert t.async_generator.scores_in_worker and t.async_generator.scoring_note is None
+    finally:
+        t.close()
+    assert set((tmp_path / "pids.txt").read_text().split()) == {str(worker_pid)} != {str(os.getpid())}
+    for res in results:
+        r = res.rollout
+        again = reward(r.prompts, r.completions, {"truncated": r.truncated_B.tolist(),
+                                                  "completion_lengths": r.completion_lengths_B.tolist()})
+        assert torch.equal(r.scores_B.cpu(), again.scores.float())
+        assert "reward/pid_digits/mean" in res.metrics
+
+
+def test_a_reward_the_worker_cannot_load_is_scored_in_the_trainer(llama, caplog):
+    import sys
+    import types
+
+    local = types.ModuleType("defined_only_in_the_trainer")  # pickles by reference here, not importable there
+    exec("def reward(prompts, completions, **_):\n    return [float(len(c)) for c in completions]", local.__dict__)
+    sys.modules[local.__name__] = local
+    try:
+        t = Trainer(resolve_config({"model": {"path": llama}, "seed": 0, "logging": {"progress": False},
+                                    "rollout": {"max_new_tokens": 4, "prompts_per_step": 4, "group_size": 2,
+                                                "max_staleness": 1}}, []),
+                    rows=PROMPTS, reward_fn=RewardScorer([(local.reward, 1.0)]))
+        try:
+            with caplog.at_level("WARNING", logger="tether"):
+                m = t.step().metrics
+        finally:
+            t.close()
+    finally:
+        del sys.modules[local.__name__]
+    assert not t.async_generator.scores_in_worker
+    assert "ModuleNotFoundError" in t.async_generator.scoring_note
+    assert "could not load the reward" in caplog.text and math.isfinite(m["reward/reward/mean"])
+
+    lambda_reward = RewardScorer([(lambda p, c, **_: [1.0 for _ in c], 1.0)])
+    with caplog.at_level("WARNING", logger="tether"):
+        t = Trainer(resolve_config({"model": {"path": llama}, "seed": 0, "logging": {"progress": False},
+                                    "rollout": {"max_new_tokens": 4, "prompts_per_step": 4, "group_size": 2,
+                                                "max_staleness": 1}}, []), rows=PROMPTS, reward_fn=lambda_reward)
+        t.close()
+    assert "the reward does not pickle" in caplog.text
+
+
+def test_a_configured_factory_reward_is_built_again_in_the_worker(llama):
+    """builtin:format with kwargs is a closure, which does not pickle; the scorer built from the config is
+    built again in the worker from that config."""
+    from tether.train.run import build_reward
+
+    cfg = resolve_config({"model": {"path": llama}, "seed": 0, "logging": {"progress": False},
+                          "rollout": {"max_new_tokens": 4, "prompts_per_step": 4, "group_size": 2,
+                                      "max_staleness": 1},
+                          "reward": {"functions": [{"spec": "builtin:format", "kwargs": {"pattern": ".*[0-9].*"}}]}},
+                         [])
+    t = Trainer(cfg, rows=PROMPTS, reward_fn=build_reward(cfg))
+    try:
+        res = t.step()
+        assert t.async_generator.scores_in_worker
+    finally:
+        t.close()
+    r = res.rollout
+    want = [1.0 if any(ch.isdigit() for ch in c) else 0.0 for c in r.completions]
+    assert r.scores_B.tolist() == want

@@ -34,6 +34,7 @@ import inspect
 import logging
 import math
 import numbers
+import pickle
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -108,6 +109,9 @@ def load_reward_function(spec: str, kwargs: dict[str, Any] | None = None) -> Rew
     return obj
 
 
+_FILE_MODULE_PREFIX = "tether_reward_"  # the modules loaded from reward files, named by their path
+
+
 def _load_module(target: str, spec: str):
     looks_like_path = target.endswith(".py") or "/" in target or "\\" in target
     if not looks_like_path:
@@ -125,7 +129,7 @@ def _load_module(target: str, spec: str):
     # A unique, valid module name per file: two reward files called `rewards.py` must not collide.
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
     stem = "".join(c if c.isalnum() else "_" for c in path.stem)
-    name = f"tether_reward_{stem}_{digest}"
+    name = f"{_FILE_MODULE_PREFIX}{stem}_{digest}"
     if name in sys.modules:
         return sys.modules[name]
     module_spec = importlib.util.spec_from_file_location(name, path)
@@ -151,6 +155,22 @@ def _load_module(target: str, spec: str):
 
 # ----------------------------------------------------------------------------------------------------------
 # Combining reward functions
+
+
+def to_another_process(reward) -> bytes:
+    """`reward` pickled for another process (a spawned one, which imports nothing of this one's on its own):
+    with the files that `path/to/file.py:fn` specs were loaded from, which `from_another_process` loads again
+    before unpickling, so that functions defined there resolve. Raises what pickling raises (a lambda, a local
+    function, an object holding a lock)."""
+    files = sorted(str(m.__file__) for n, m in list(sys.modules.items()) if n.startswith(_FILE_MODULE_PREFIX))
+    return pickle.dumps((files, pickle.dumps(reward)))
+
+
+def from_another_process(payload: bytes):
+    files, reward = pickle.loads(payload)
+    for path in files:
+        _load_module(path, f"{path}:<reward>")
+    return pickle.loads(reward)
 
 
 @dataclass

@@ -21,7 +21,8 @@ How, on one machine:
   step, an old pass; the worker's recorded log-probs are the behaviour policy's, and `algorithm.tis_cap`
   weights each token by min(pi_old / pi_behaviour, cap).
 - Balance. Generation is the worker's, the update the trainer's; work that depends on neither's weights
-  can go to whichever waits: the trainer hands the worker the frozen reference's pass (`after_sampling`).
+  can go to whichever waits: the trainer hands the worker the frozen reference's pass (`after_sampling`)
+  and the reward (`score`: a sandboxed program or a slow verifier then runs while the trainer updates).
 - Shutdown. `close()` (also at interpreter exit) stops the worker and joins it; the worker exits with its
   parent (PR_SET_PDEATHSIG on Linux) and on any error, which reaches the trainer as an exception naming it.
 """
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import atexit
 import copy
+import logging
+import pickle
 import queue
 import traceback
 from collections import deque
@@ -42,6 +45,7 @@ from torch import nn
 
 from tether.rollout.batch import Rollout
 
+log = logging.getLogger("tether")
 
 class WorkerError(RuntimeError):
     """The generation worker failed or stopped; the message carries its traceback."""
@@ -65,11 +69,18 @@ def _die_with_parent() -> None:
 
 
 def _worker_main(model, tokenizer, backend_kwargs, threads, seed, requests, results, lock, version,
-                 after_sampling, make_episode_runner) -> None:
+                 after_sampling, make_episode_runner, score_payload) -> None:
     _die_with_parent()
     try:
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
+        score = None
+        if score_payload is not None:  # unpickled here, so that a reward this process cannot load is reported
+            try:
+                score = pickle.loads(score_payload)
+                results.put(("scoring", None, None, None))
+            except Exception as e:  # noqa: BLE001 - the trainer scores instead, and says why
+                results.put(("scoring", None, None, f"{type(e).__name__}: {e}"))
         from tether.rollout.episodes import episodes_to_rollout
         from tether.rollout.hf import HFGenerateBackend
 
@@ -89,6 +100,8 @@ def _worker_main(model, tokenizer, backend_kwargs, threads, seed, requests, resu
                     rollout = backend.generate(rows, [row["prompt"] for row in rows], group_size=group_size)
             if after_sampling is not None:  # outside the lock: it must not read the weights published
                 after_sampling(model, rollout)
+            if score is not None:  # overlaps the trainer's update instead of standing in its path
+                score(rollout)
             results.put(("ok", request_id, v, rollout))
     except BaseException:  # noqa: BLE001 - everything must reach the trainer
         results.put(("error", None, None, traceback.format_exc()))
@@ -102,12 +115,14 @@ class AsyncGenerator:
     outside the lock (so it must not depend on the trained weights: the frozen reference's log-probs); it
     must be picklable, as it travels to the spawned worker. `make_episode_runner(tokenizer)`, if given,
     builds the worker's own episode runner (its environments live in the worker), and each batch is
-    group_size episodes of each row instead of completions."""
+    group_size episodes of each row instead of completions. `score(rollout)`, if given, scores each batch in
+    the worker after that; if the worker cannot unpickle it (a reward defined where the worker cannot import
+    it), batches come back unscored and `scoring_note` says why."""
 
     def __init__(self, policy: nn.Module, tokenizer, *, backend_kwargs: dict, max_staleness: int, threads: int,
                  seed: int, group_size: int, timeout_s: float = 3600.0,
                  after_sampling: Callable[[nn.Module, Rollout], None] | None = None,
-                 make_episode_runner: Callable | None = None):
+                 make_episode_runner: Callable | None = None, score: Callable[[Rollout], None] | None = None):
         if max_staleness < 1:
             raise ValueError("max_staleness must be >= 1 for asynchronous rollouts")
         self.max_staleness, self.group_size, self.timeout_s = max_staleness, group_size, timeout_s
@@ -120,10 +135,11 @@ class AsyncGenerator:
         self.version = ctx.Value("q", 0, lock=False)  # written under self.lock only
         self.in_flight: deque[tuple[int, dict]] = deque()
         self.next_id = 0
+        self.scores_in_worker, self.scoring_note = False, None  # known from the worker's first message
         self.process = ctx.Process(target=_worker_main, daemon=True, name="tether-generate",
                                    args=(self.copy, tokenizer, backend_kwargs, threads, seed, self.requests,
                                          self.results, self.lock, self.version, after_sampling,
-                                         make_episode_runner))
+                                         make_episode_runner, None if score is None else pickle.dumps(score)))
         self.process.start()
         atexit.register(self.close)
 
@@ -141,6 +157,12 @@ class AsyncGenerator:
             self.next_id += 1
         want, state = self.in_flight.popleft()
         kind, got, version, payload = self._receive()
+        if kind == "scoring":  # the worker's first message when it was given a scorer
+            self.scores_in_worker, self.scoring_note = payload is None, payload
+            if payload is not None:
+                log.warning("the generation worker could not load the reward (%s): it is scored in the trainer",
+                            payload)
+            kind, got, version, payload = self._receive()
         if kind == "error":
             self.close()
             raise WorkerError(f"the generation worker failed:\n{payload}")

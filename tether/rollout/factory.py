@@ -42,10 +42,11 @@ def hf_backend_kwargs(cfg: TrainConfig, *, autocast_dtype: torch.dtype | None, f
 
 
 def make_async_generator(cfg: TrainConfig, policy: torch.nn.Module, tokenizer, *,
-                         autocast_dtype: torch.dtype | None, context_window: int | None, after_sampling=None):
+                         autocast_dtype: torch.dtype | None, context_window: int | None, after_sampling=None,
+                         score=None):
     """The generation worker for rollout.max_staleness > 0 (None for the synchronous loop); `after_sampling`
-    runs in the worker on each batch it samples (see AsyncGenerator). With an environment the worker runs
-    whole episodes, with an episode runner it builds from the config as the trainer does."""
+    runs in the worker on each batch it samples, then `score` (see AsyncGenerator). With an environment the
+    worker runs whole episodes, with an episode runner it builds from the config as the trainer does."""
     r = cfg.rollout
     if r.max_staleness == 0:
         return None
@@ -57,8 +58,8 @@ def make_async_generator(cfg: TrainConfig, policy: torch.nn.Module, tokenizer, *
                               if cfg.env.name is not None else None)
     return AsyncGenerator(policy, tokenizer, backend_kwargs=kwargs, max_staleness=r.max_staleness,
                           threads=r.async_threads, seed=cfg.seed + 1, group_size=r.group_size,
-                          after_sampling=after_sampling,
-                          make_episode_runner=episode_runner_factory)
+                          after_sampling=after_sampling, make_episode_runner=episode_runner_factory,
+                          score=score)
 
 
 def make_episode_runner(cfg: TrainConfig, tokenizer, *, context_window: int | None):

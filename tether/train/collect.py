@@ -128,7 +128,8 @@ def collect(cfg: TrainConfig, sampler, backend, reward: Callable | None, dist: D
     for _ in range(1 + (a.max_filter_rounds if a.filter_groups else 0)):
         rollout = sample_round()
         t0 = time.perf_counter()
-        score_round(rollout, reward, cfg, device)
+        if rollout.scores_B is None:  # else scored in the generation worker (WorkerScoring)
+            score_round(rollout, reward, cfg, device)
         info.seconds["score"] += time.perf_counter() - t0
         if a.filter_groups:
             rollout, dropped = filter_uniform_groups(rollout)
@@ -155,6 +156,55 @@ def score_round(rollout: Rollout, reward: Callable | None, cfg: TrainConfig, dev
                              factor=a.overlong_penalty)
 
 
+class WorkerScoring:
+    """`score_round` in the generation worker (rollout.max_staleness > 0), on each batch right after it is
+    sampled: the reward (a sandboxed program's run, a slow verifier) then overlaps the trainer's update instead
+    of standing in its path. The reward travels pickled (`to_another_process`, which brings the files of
+    `path.py:fn` rewards along); scores are computed on the CPU and moved to the trainer's device on arrival."""
+
+    def __init__(self, reward: Callable | None, cfg: TrainConfig):
+        from tether.rewards.functions import to_another_process
+
+        # A scorer built from the config (run.build_reward) is built again there from its recipe: factories'
+        # closures (builtin:format with kwargs, say) do not pickle, the config they came from does.
+        recipe = getattr(reward, "recipe", None)
+        self.payload, self.from_recipe, self.cfg, self.reward = None, False, cfg, None
+        if recipe is not None:
+            try:
+                self.payload, self.from_recipe = to_another_process(recipe), True
+            except Exception:  # noqa: BLE001 - a recipe with unpicklable extras: try the scorer itself
+                pass
+        if self.payload is None:
+            self.payload = to_another_process(reward)
+
+    def __getstate__(self) -> dict:
+        return {"payload": self.payload, "from_recipe": self.from_recipe, "cfg": self.cfg}
+
+    def __setstate__(self, state: dict) -> None:
+        from tether.rewards.functions import from_another_process
+
+        made = from_another_process(state["payload"])
+        self.__dict__.update(state, reward=made() if state["from_recipe"] else made)
+
+    def __call__(self, rollout: Rollout) -> None:
+        score_round(rollout, self.reward, self.cfg, torch.device("cpu"))
+
+    @staticmethod
+    def for_run(cfg: TrainConfig, reward: Callable | None) -> "WorkerScoring | None":
+        """The worker's scorer, or None where the trainer scores (logged with the reason)."""
+        if cfg.reward.reward_model:
+            log.info("asynchronous rollouts: the reward model scores in the trainer (a copy in the generation "
+                     "worker would double its memory)")
+            return None
+        try:
+            return WorkerScoring(reward, cfg)
+        except Exception as e:  # noqa: BLE001 - whatever pickling raises (a lambda, a local function, a lock)
+            log.warning("asynchronous rollouts: the reward does not pickle (%s: %s), so it is scored in the "
+                        "trainer, in the step's path; define it at module level to score it in the generation "
+                        "worker", type(e).__name__, e)
+            return None
+
+
 def filter_overlong(rollout: Rollout, cfg: TrainConfig) -> Rollout:
     """DAPO's overlong filter (algorithm.overlong_filter): completions cut at the budget carry no loss."""
     if cfg.algorithm.overlong_filter:
@@ -175,7 +225,7 @@ def _from_worker(async_generator, sampler, device: torch.device, info: CollectIn
     info.staleness = max(info.staleness or 0, async_generator.published - stale.version)
     rollout = stale.rollout
     for name in ("input_ids_BL", "attention_mask_BL", "response_mask_BT", "sampler_logprobs_BT", "truncated_B",
-                 "ref_logprobs_BT"):  # the last computed by the worker when a reference is used
+                 "ref_logprobs_BT", "scores_B", "valid_B"):  # the worker's reference pass and scores, if any
         if getattr(rollout, name) is not None:
             setattr(rollout, name, getattr(rollout, name).to(device))
     return rollout

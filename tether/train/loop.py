@@ -32,7 +32,7 @@ from tether.core.kl import AdaptiveKLController, FixedKLController
 from tether.rollout.batch import Rollout
 from tether.rollout.factory import make_async_generator, make_backend, make_episode_runner
 from tether.train.advantages import compute_advantages
-from tether.train.collect import collect, rows_that_fit
+from tether.train.collect import WorkerScoring, collect, rows_that_fit
 from tether.train.distributed import Dist
 from tether.train.errors import TrainingError
 from tether.train.host_memory import keep_freed_memory, release_freed_memory
@@ -111,11 +111,13 @@ class Trainer:
                                      shuffle=cfg.data.shuffle)
         self.health = Health(cfg.optim.max_bad_steps, cfg.optim.max_weight_growth, cfg.optim.lr)
         # rollout.max_staleness > 0: a worker process samples ahead (rollout/async_worker.py), and runs the
-        # reference pass on what it sampled; close() stops it.
-        worker_reference = WorkerReferencePass.for_run(cfg, self.models) if cfg.rollout.max_staleness else None
+        # reference pass and the reward on what it sampled; close() stops it.
+        stale = cfg.rollout.max_staleness > 0
         self.async_generator = make_async_generator(
             cfg, self.models.policy, self.tokenizer, autocast_dtype=self.models.autocast_dtype,
-            context_window=self.models.context_window, after_sampling=worker_reference)
+            context_window=self.models.context_window,
+            after_sampling=WorkerReferencePass.for_run(cfg, self.models) if stale else None,
+            score=WorkerScoring.for_run(cfg, reward_fn) if stale else None)
         self.step_count = 0
         self._first_step_memory_released = False
         if self.run_dir is not None and self.dist.is_main:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -235,7 +236,9 @@ def build_reward(cfg: TrainConfig, extra: list | None = None):
             return None  # episodes are scored by their environment's rewards alone, distillation by its teacher
         raise ConfigError("no reward: set reward.functions, reward.reward_model, model.teacher_path, or use a "
                           "task:NAME data source")
-    return RewardScorer(functions, on_error=cfg.reward.on_error, timeout_s=cfg.reward.timeout_s)
+    scorer = RewardScorer(functions, on_error=cfg.reward.on_error, timeout_s=cfg.reward.timeout_s)
+    scorer.recipe = functools.partial(build_reward, cfg, extra)  # how another process builds the same scorer
+    return scorer
 
 
 def run_training(cfg: TrainConfig, *, rows: list[dict] | None = None, reward_functions: list | None = None,
