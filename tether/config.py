@@ -629,8 +629,9 @@ def validate_for_world(cfg: TrainConfig, world_size: int) -> None:
                           "FSDP shards: use rollout.weights_dtype=policy with distributed.strategy=fsdp")
     if world_size == 1:
         return
-    if r.max_staleness > 0:
-        raise ConfigError("rollout.max_staleness > 0 (asynchronous rollouts) runs on one process for now")
+    if r.max_staleness > 0 and fsdp:
+        raise ConfigError("rollout.max_staleness > 0 (asynchronous rollouts) gives each rank's generation worker "
+                          "a whole copy of the policy, which FSDP shards: use distributed.strategy=ddp with it")
     if r.backend == "vllm-server":
         raise ConfigError("rollout.backend=vllm-server trains on one process for now (one weight-transfer group "
                           "per server); scale the server's generation with its own tensor parallelism")

@@ -82,9 +82,11 @@ def test_async_rollouts_refuse_what_they_do_not_support_yet(llama):
         make_trainer(llama, **{"rollout.max_staleness": 1, "rollout.backend": "vllm"})
     from tether.config import validate_for_world
 
-    raw = resolve_config({"model": {"path": llama}, "rollout": {"max_staleness": 1}}, [])
-    with pytest.raises(ConfigError, match="runs on one process for now"):
+    raw = resolve_config({"model": {"path": llama}, "rollout": {"max_staleness": 1},
+                          "distributed": {"strategy": "fsdp"}}, [])
+    with pytest.raises(ConfigError, match="which FSDP shards: use distributed.strategy=ddp"):
         validate_for_world(raw, 2)
+    validate_for_world(resolve_config({"model": {"path": llama}, "rollout": {"max_staleness": 1}}, []), 2)
 
 
 def test_staleness_zero_is_the_synchronous_loop(llama):

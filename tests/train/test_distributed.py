@@ -140,7 +140,16 @@ def _worker(spec_path: str) -> None:
                 r = t.backend.generate(PROMPTS[:2], [p["prompt"] for p in PROMPTS[:2]], group_size=2)
                 returned[f"{job['name']}/generated_width"] = r.response_mask_BT.shape[1]
                 t.backend.max_new_tokens = cfg.rollout.max_new_tokens
-            metrics = [t.step().metrics | {"step": t.step_count} for _ in range(job.get("steps", 1))]
+            results, metrics = [], []
+            for _ in range(job.get("steps", 1)):
+                results.append(t.step())
+                metrics.append(results[-1].metrics | {"step": t.step_count})
+            if job.get("record_prompts"):  # the groups this rank trained on, step by step
+                returned[f"{job['name']}/prompts"] = [r.rollout.prompts[::r.rollout.group_size] for r in results]
+            if t.async_generator is not None:
+                worker = t.async_generator.process
+                t.close()
+                returned[f"{job['name']}/worker_alive"] = worker.is_alive()
             saved = t.save(keep_last=2) if job.get("save") else None
         returned[job["name"]] = str(saved) if saved else None
         weights = trained_weights(t)
@@ -317,6 +326,9 @@ def ddp(model, tmp_path_factory):
         {"name": "trained", "algo": "ppo", "run_training": True, "run_dir": str(run),
          "overrides": {"steps": 2}},
         {"name": "resumed", "algo": "ppo", "resume": str(run)},
+        # Asynchronous rollouts: a generation worker per rank, each sent that rank's share of every batch.
+        {"name": "async", "algo": "grpo", "overrides": {"rollout.max_staleness": 1}, "steps": 3,
+         "record_prompts": True},
         # Sampled (not greedy) draws of the same prompts on every rank.
         {"name": "sampled", "algo": "grpo", "overrides": {"rollout.top_k": 0, "rollout.max_new_tokens": 12},
          "draws": True, "steps": 0},
@@ -363,6 +375,23 @@ def test_ranks_draw_different_samples_and_resume_their_own_streams(ddp):
     assert returned[0]["trained/next_draw"] != returned[1]["trained/next_draw"]
     for r in range(WORLD):
         assert returned[r]["resumed/next_draw"] == returned[r]["trained/next_draw"]
+
+
+@multiprocess
+def test_async_rollouts_run_a_worker_per_rank_on_its_share(ddp, model):
+    """rollout.max_staleness=1 under DDP: each rank's worker samples exactly the rows the synchronous loop gives
+    that rank (its contiguous share of every globally drawn batch), no batch is staler than one update, and
+    every worker is gone once its trainer closes."""
+    returned = [json.loads((ddp["out"] / f"rank{r}_returned.json").read_text()) for r in range(WORLD)]
+    drawn = make_trainer(model, "grpo", {}).sampler  # the same seed: the batches every rank draws
+    batches = [[row["prompt"] for row in drawn.next_batch()] for _ in range(3)]
+    share = len(batches[0]) // WORLD
+    for r in range(WORLD):
+        assert returned[r]["async/prompts"] == [b[r * share:(r + 1) * share] for b in batches]
+        assert returned[r]["async/worker_alive"] is False
+    metrics = ddp["res"]["async"]["metrics"]
+    assert metrics[0]["rollout/staleness"] == 0.0 and all(m["rollout/staleness"] <= 1.0 for m in metrics)
+    assert all(math.isfinite(m["loss/total"]) for m in metrics)
 
 
 @multiprocess

@@ -16,6 +16,8 @@ How, on one machine:
   a checkpoint records the state of the first batch not yet trained on: batches in flight are discarded
   on resume and drawn again (the same rows, sampled anew by the resumed policy), so no row is lost or
   repeated.
+- Ranks. Under DDP every rank has a worker of its own, sent the rank's share of each batch (the rows the
+  synchronous loop gives it), seeded apart; each rank publishes its replica's weights, the same on all.
 - Off-policy correction (decoupled PPO, Hilton et al. 2022): pi_old is the trainer's own pre-update weights
   (the proximal policy) for every batch, from its first minibatch's forward or, with several updates a
   step, an old pass; the worker's recorded log-probs are the behaviour policy's, and `algorithm.tis_cap`
@@ -117,15 +119,18 @@ class AsyncGenerator:
     builds the worker's own episode runner (its environments live in the worker), and each batch is
     group_size episodes of each row instead of completions. `score(rollout)`, if given, scores each batch in
     the worker after that; if the worker cannot unpickle it (a reward defined where the worker cannot import
-    it), batches come back unscored and `scoring_note` says why."""
+    it), batches come back unscored and `scoring_note` says why. `shard(rows)`, with several data-parallel
+    ranks (each with its own worker), keeps this rank's share of every batch drawn from the sampler."""
 
     def __init__(self, policy: nn.Module, tokenizer, *, backend_kwargs: dict, max_staleness: int, threads: int,
                  seed: int, group_size: int, timeout_s: float = 3600.0,
                  after_sampling: Callable[[nn.Module, Rollout], None] | None = None,
-                 make_episode_runner: Callable | None = None, score: Callable[[Rollout], None] | None = None):
+                 make_episode_runner: Callable | None = None, score: Callable[[Rollout], None] | None = None,
+                 shard: Callable[[list], list] | None = None):
         if max_staleness < 1:
             raise ValueError("max_staleness must be >= 1 for asynchronous rollouts")
         self.max_staleness, self.group_size, self.timeout_s = max_staleness, group_size, timeout_s
+        self.shard = shard  # this rank's rows of a batch drawn for all ranks (data-parallel), or None
         self.copy = copy.deepcopy(policy).eval().requires_grad_(False)
         for t in list(self.copy.parameters()) + list(self.copy.buffers()):
             t.share_memory_()
@@ -152,6 +157,8 @@ class AsyncGenerator:
         while len(self.in_flight) < self.max_staleness + 1:
             state = sampler.state_dict()
             rows = sampler.next_batch()
+            if self.shard is not None:
+                rows = self.shard(rows)
             self.requests.put((self.next_id, rows, self.group_size))
             self.in_flight.append((self.next_id, state))
             self.next_id += 1

@@ -43,10 +43,12 @@ def hf_backend_kwargs(cfg: TrainConfig, *, autocast_dtype: torch.dtype | None, f
 
 def make_async_generator(cfg: TrainConfig, policy: torch.nn.Module, tokenizer, *,
                          autocast_dtype: torch.dtype | None, context_window: int | None, after_sampling=None,
-                         score=None):
+                         score=None, seed: int | None = None, shard=None):
     """The generation worker for rollout.max_staleness > 0 (None for the synchronous loop); `after_sampling`
     runs in the worker on each batch it samples, then `score` (see AsyncGenerator). With an environment the
-    worker runs whole episodes, with an episode runner it builds from the config as the trainer does."""
+    worker runs whole episodes, with an episode runner it builds from the config as the trainer does. With
+    several ranks each has its own worker: `shard` takes the rank's rows of each globally drawn batch, and
+    `seed` (default cfg.seed + 1) gives the rank's worker a sampling stream of its own."""
     r = cfg.rollout
     if r.max_staleness == 0:
         return None
@@ -57,7 +59,8 @@ def make_async_generator(cfg: TrainConfig, policy: torch.nn.Module, tokenizer, *
     episode_runner_factory = (functools.partial(make_episode_runner, cfg, context_window=context_window)
                               if cfg.env.name is not None else None)
     return AsyncGenerator(policy, tokenizer, backend_kwargs=kwargs, max_staleness=r.max_staleness,
-                          threads=r.async_threads, seed=cfg.seed + 1, group_size=r.group_size,
+                          threads=r.async_threads, seed=cfg.seed + 1 if seed is None else seed,
+                          group_size=r.group_size, shard=shard,
                           after_sampling=after_sampling, make_episode_runner=episode_runner_factory,
                           score=score)
 

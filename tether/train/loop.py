@@ -117,7 +117,8 @@ class Trainer:
             cfg, self.models.policy, self.tokenizer, autocast_dtype=self.models.autocast_dtype,
             context_window=self.models.context_window,
             after_sampling=WorkerReferencePass.for_run(cfg, self.models) if stale else None,
-            score=WorkerScoring.for_run(cfg, reward_fn) if stale else None)
+            score=WorkerScoring.for_run(cfg, reward_fn) if stale else None,
+            seed=rank_seed(cfg.seed + 1, self.dist.rank), shard=self.dist.shard if self.dist.enabled else None)
         self.step_count = 0
         self._first_step_memory_released = False
         if self.run_dir is not None and self.dist.is_main:
