@@ -14,6 +14,7 @@ from tether.core.losses import (
     policy_loss_clipped,
     policy_loss_clipped_sequence,
     policy_loss_reinforce,
+    truncated_is_weight,
     value_loss,
 )
 from tether.core.registry import get_from_registry
@@ -335,3 +336,32 @@ def test_new_losses_give_the_policy_gradient_at_the_old_policy(name):
         (g_,) = torch.autograd.grad(aggregate(loss_BT, mask, "token_mean"), logp)
         grads.append(g_)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-15)
+
+
+def test_truncated_is_weight_hand_worked_and_exactly_one_on_policy():
+    # pi_prox / pi_behav = 0.5 / 0.25 = 2 (capped at 1.5), 0.25 / 0.5 = 0.5, 0.3 / 0.3 = 1.
+    prox = torch.tensor([[math.log(0.5), math.log(0.25), math.log(0.3)]], dtype=torch.float64)
+    behav = torch.tensor([[math.log(0.25), math.log(0.5), math.log(0.3)]], dtype=torch.float64)
+    torch.testing.assert_close(truncated_is_weight(prox, behav, 1.5), torch.tensor([[1.5, 0.5, 1.0]],
+                                                                                   dtype=torch.float64))
+    lp = torch.randn(4, 7) - 2
+    assert torch.equal(truncated_is_weight(lp, lp.clone(), 2.0), torch.ones(4, 7))  # exactly, not nearly
+    assert not truncated_is_weight(lp.requires_grad_(), lp.detach(), 2.0).requires_grad
+
+
+@pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
+def test_decoupled_loss_is_the_on_policy_loss_when_behaviour_is_proximal(name):
+    """Decoupled PPO with the behaviour policy equal to the proximal one (the sampler ran the very weights the
+    trainer updates from): the weighted loss and its gradient are the on-policy ones, bit for bit."""
+    torch.manual_seed(0)
+    B, T = 3, 5
+    logits = torch.randn(B, T, requires_grad=True)
+    lp = torch.nn.functional.logsigmoid(logits)  # any differentiable log-probs
+    old = lp.detach()  # proximal = the pre-update weights' own forward
+    adv, mask = torch.randn(B, T), (torch.rand(B, T) > 0.2).float()
+    kw = dict(eps_low=0.2, eps_high=0.28, dual_clip=None, tau_pos=1.0, tau_neg=1.05)
+    on_policy, _ = POLICY_LOSSES[name](lp, old, adv, mask, **kw)
+    decoupled, _ = POLICY_LOSSES[name](lp, old, adv * truncated_is_weight(old, old.clone(), 2.0), mask, **kw)
+    (g_on,) = torch.autograd.grad(on_policy.sum(), logits, retain_graph=True)
+    (g_dec,) = torch.autograd.grad(decoupled.sum(), logits)
+    assert torch.equal(decoupled, on_policy) and torch.equal(g_dec, g_on) and g_on.abs().sum() > 0

@@ -314,3 +314,15 @@ def test_a_configured_factory_reward_is_built_again_in_the_worker(llama):
     r = res.rollout
     want = [1.0 if any(ch.isdigit() for ch in c) else 0.0 for c in r.completions]
     assert r.scores_B.tolist() == want
+
+
+def test_staleness_histogram_covers_every_level_up_to_k(llama):
+    t = make_trainer(llama, **{"rollout.max_staleness": 2})
+    try:
+        ms = [t.step().metrics for _ in range(4)]
+    finally:
+        t.close()
+    for m in ms:
+        shares = [m[f"rollout/staleness_frac_{k}"] for k in range(3)]
+        assert sum(shares) == pytest.approx(1.0) and shares[int(m["rollout/staleness"])] > 0
+    assert ms[0]["rollout/staleness_frac_0"] == 1.0  # the first batch: nothing published yet

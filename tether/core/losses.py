@@ -23,6 +23,7 @@ __all__ = [
     "policy_loss_cispo",
     "policy_loss_sapo",
     "POLICY_LOSSES",
+    "truncated_is_weight",
     "value_loss",
     "composite_loss",
     "explained_variance",
@@ -285,6 +286,16 @@ POLICY_LOSSES = {
     "cispo": policy_loss_cispo,
     "sapo": policy_loss_sapo,
 }
+
+
+def truncated_is_weight(proximal_logprobs_BT: Tensor, behaviour_logprobs_BT: Tensor, cap: float) -> Tensor:
+    """w_t = min(pi_prox(a_t) / pi_behav(a_t), cap), no gradient: the per-token weight on the advantage when
+    the tokens were sampled by a behaviour policy other than the proximal one the ratio is taken against
+    (decoupled PPO, Hilton et al. 2022: a stale sampler, or a sampler whose numerics differ from the
+    trainer's; truncated as in Espeholt et al. 2018). Where the two policies are the same, w = exp(0) = 1
+    exactly, and the loss and its gradient are the on-policy ones."""
+    log_w = (proximal_logprobs_BT - behaviour_logprobs_BT).clamp(max=LOG_RATIO_CLAMP)
+    return torch.exp(log_w).clamp(max=cap).detach()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ class CollectInfo:
     filtered_groups: int = 0
     generation_rounds: int = 0  # DAPO refill: each round samples prompts_per_step fresh prompts x group_size
     staleness: int | None = None  # asynchronous rollouts: updates between the sampling policy and this one
+    rows_by_staleness: dict[int, int] = field(default_factory=dict)  # samples drawn at each staleness
 
 
 def score(rollout: Rollout, reward: Callable | None, device: torch.device, *, conversation: bool = False,
@@ -222,8 +223,10 @@ def _from_worker(async_generator, sampler, device: torch.device, info: CollectIn
         stale = async_generator.next(sampler)
     except WorkerError as e:
         raise TrainingError(str(e)) from None
-    info.staleness = max(info.staleness or 0, async_generator.published - stale.version)
+    staleness = async_generator.published - stale.version
+    info.staleness = max(info.staleness or 0, staleness)
     rollout = stale.rollout
+    info.rows_by_staleness[staleness] = info.rows_by_staleness.get(staleness, 0) + len(rollout)
     for name in ("input_ids_BL", "attention_mask_BL", "response_mask_BT", "sampler_logprobs_BT", "truncated_B",
                  "ref_logprobs_BT", "scores_B", "valid_B"):  # the worker's reference pass and scores, if any
         if getattr(rollout, name) is not None:

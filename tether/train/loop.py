@@ -208,6 +208,9 @@ class Trainer:
             stats["rollout/generation_rounds"] = float(info.generation_rounds)
         if info.staleness is not None:
             stats["rollout/staleness"] = float(info.staleness)
+            drawn = sum(info.rows_by_staleness.values())
+            for k in range(cfg.rollout.max_staleness + 1):  # the histogram: share of samples k updates old
+                stats[f"rollout/staleness_frac_{k}"] = info.rows_by_staleness.get(k, 0) / drawn
         stats["kl/beta"] = self.beta
         for k, v in timing.items():
             stats[f"time/{k}"] = v

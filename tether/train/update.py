@@ -10,7 +10,7 @@ import torch
 
 from tether.config import TrainConfig
 from tether.core.kl import KL_ESTIMATORS
-from tether.core.losses import POLICY_LOSSES, aggregate, composite_loss, value_loss
+from tether.core.losses import POLICY_LOSSES, aggregate, composite_loss, truncated_is_weight, value_loss
 from tether.rollout.batch import Rollout
 from tether.train.distributed import Dist
 from tether.train.forward import critic_values, gather_rows, policy_logprobs_and_values
@@ -90,9 +90,8 @@ def update(rollout: Rollout, first_epoch_order: torch.Tensor, acc: StatAccumulat
                 old = gather_rows(rollout.old_logprobs_BT, mb) if rollout.old_logprobs_BT is not None else lp.detach()
                 adv = gather_rows(rollout.advantages_BT, mb)
                 if a.tis_cap is not None and rollout.sampler_logprobs_BT is not None:
-                    # Truncated IS for sampler/trainer mismatch: w = min(pi_old / pi_sampler, cap).
-                    w = torch.exp(old - gather_rows(rollout.sampler_logprobs_BT, mb)).clamp(max=a.tis_cap)
-                    adv = adv * w.detach()
+                    # Truncated IS for the sampler/trainer (behaviour/proximal) gap: min(pi_old / pi_sampler, cap).
+                    adv = adv * truncated_is_weight(old, gather_rows(rollout.sampler_logprobs_BT, mb), a.tis_cap)
                 pl_BT, pstats = loss_fn(lp, old, adv, mask, eps_low=a.eps_low, eps_high=a.eps_high,
                                         dual_clip=a.dual_clip, tau_pos=a.tau_pos, tau_neg=a.tau_neg)
                 kl_BT = None
