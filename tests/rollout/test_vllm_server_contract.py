@@ -186,3 +186,13 @@ def test_config_refuses_sleep_mode_and_several_ranks_with_a_server():
     cfg = resolve_config({"rollout": {"backend": "vllm-server", "prompts_per_step": 4}})
     with pytest.raises(ConfigError, match="vllm-server trains on one process for now"):
         validate_for_world(cfg, 2)
+
+
+def test_truncated_sampling_is_exact_through_the_server_too(serve, llama):
+    """top_k / top_p go to the server as its own fields; with processed log-probs the trainer's truncated
+    log-probs are the server's."""
+    server = serve()
+    m = trainer(llama, server.url, **{"rollout.top_p": 0.9, "rollout.top_k": 20}).step().metrics
+    body = [b for p, b in server.requests if p == "/v1/completions"][-1]
+    assert (body["top_p"], body["top_k"]) == (0.9, 20)
+    assert m["rollout/logprob_mismatch_max"] < 1e-4, m["rollout/logprob_mismatch_max"]
