@@ -88,14 +88,22 @@ def test_logprobs_entropy_match_naive(dtype, use_mask, chunk_size, temperature):
 def test_full_kl_matches_naive(dtype, use_mask, chunk_size, temperature):
     logits, ref, _ = inputs(dtype)
     mask = ragged_mask() if use_mask else None
-    w = torch.randn(B, T)
+    w = torch.randn(B, T, generator=torch.Generator().manual_seed(2))
     x, y = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     kl = full_kl_from_logits(x, ref, temperature=temperature, mask_BT=mask, chunk_size=chunk_size)
     (kl * w).sum().backward()
     kl_ref = naive_kl(y, ref, temperature, mask)
     (kl_ref * w).sum().backward()
     torch.testing.assert_close(kl, kl_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad.float(), y.grad.float(), **tol(dtype))
+    # d KL / d z_v = w p_v (log p_v - log q_v - KL) / T: a difference of terms as large as |log p - log q|, each
+    # rounded in float32 in another order by the two computations, so they may differ by a few float32 ulps of
+    # that size (measured up to 1.7e-5 with |log p - log q| near 30 at T = 0.7), not of the gradient's.
+    if dtype == torch.float32:
+        logp, logq = (torch.log_softmax(z.double() / temperature, -1) for z in (logits, ref))
+        scale = (logp - logq).abs().max().item() * w.abs().max().item() / temperature
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=8 * torch.finfo(torch.float32).eps * scale)
+    else:
+        torch.testing.assert_close(x.grad.float(), y.grad.float(), **tol(dtype))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
