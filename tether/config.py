@@ -607,9 +607,10 @@ def validate(cfg: TrainConfig) -> None:
                           "top_p the policy samples from a truncated one: use k1/k2/k3 there (they are exact "
                           "for the truncated policy)")
     if r.max_staleness > 0:
-        if r.backend != "hf":
+        if r.backend == "vllm":
             raise ConfigError(f"rollout.max_staleness={r.max_staleness} (asynchronous rollouts) does not work with "
-                              f"rollout.backend={r.backend} yet; use rollout.max_staleness=0 there")
+                              "a colocated vLLM (rollout.backend=vllm), which shares the trainer's GPU: use "
+                              "rollout.backend=vllm-server, or rollout.max_staleness=0")
     if a.overlong_buffer is not None and a.overlong_buffer > r.max_new_tokens:
         raise ConfigError(f"algorithm.overlong_buffer={a.overlong_buffer} is longer than the length budget "
                           f"rollout.max_new_tokens={r.max_new_tokens}: it must fit inside it (DAPO: a fifth).")

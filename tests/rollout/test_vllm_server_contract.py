@@ -196,3 +196,28 @@ def test_truncated_sampling_is_exact_through_the_server_too(serve, llama):
     body = [b for p, b in server.requests if p == "/v1/completions"][-1]
     assert (body["top_p"], body["top_k"]) == (0.9, 20)
     assert m["rollout/logprob_mismatch_max"] < 1e-4, m["rollout/logprob_mismatch_max"]
+
+
+def test_async_rollouts_one_step_off_through_the_server(serve, llama):
+    """rollout.max_staleness=1 with a server: batch n+1 is sampled while the trainer updates on batch n, each
+    weight push lands between two batches (a batch is one version whole), the data order is the synchronous
+    loop's, and the server ends holding the trainer's last weights."""
+    sync = trainer(llama, serve().url)
+    want = [prompts for _ in range(3) for prompts in [sync.step().rollout.prompts[::2]]]
+    server = serve()
+    t = trainer(llama, server.url, **{"rollout.max_staleness": 1, "algorithm.tis_cap": 2.0})
+    try:
+        results = [t.step() for _ in range(3)]
+        assert t.async_generator.scores_in_worker
+    finally:
+        t.close()
+    ms = [r.metrics for r in results]
+    assert [m["rollout/staleness"] for m in ms] == [0.0, 1.0, 1.0]
+    assert ms[0]["rollout/logprob_mismatch_max"] < 1e-4  # version 0 on both sides
+    assert ms[1]["rollout/logprob_mismatch_mean"] > 1e-3  # sampled one update ago: the IS weights correct it
+    assert [r.rollout.prompts[::2] for r in results] == want
+    calls = ["gen" if p == "/v1/completions" else "push" for p, b in server.requests
+             if p == "/v1/completions" or (p == "/collective_rpc" and b["method"] == "tether_receive_bucket")]
+    # the first push before any batch; batches 1 and 2 asked for at step 1; then a push after every update
+    assert calls == ["push", "gen", "gen", "push", "gen", "push", "gen", "push"], calls
+    assert_server_holds(server, t.policy)

@@ -78,7 +78,7 @@ def test_resumed_async_run_continues_the_data_order(llama, tmp_path):
 
 
 def test_async_rollouts_refuse_what_they_do_not_support_yet(llama):
-    with pytest.raises(ConfigError, match="does not work with rollout.backend=vllm yet"):
+    with pytest.raises(ConfigError, match="does not work with a colocated vLLM"):
         make_trainer(llama, **{"rollout.max_staleness": 1, "rollout.backend": "vllm"})
     from tether.config import validate_for_world
 

@@ -43,15 +43,23 @@ def hf_backend_kwargs(cfg: TrainConfig, *, autocast_dtype: torch.dtype | None, f
 
 def make_async_generator(cfg: TrainConfig, policy: torch.nn.Module, tokenizer, *,
                          autocast_dtype: torch.dtype | None, context_window: int | None, after_sampling=None,
-                         score=None, seed: int | None = None, shard=None):
+                         score=None, seed: int | None = None, shard=None, backend=None, score_here=None):
     """The generation worker for rollout.max_staleness > 0 (None for the synchronous loop); `after_sampling`
     runs in the worker on each batch it samples, then `score` (see AsyncGenerator). With an environment the
     worker runs whole episodes, with an episode runner it builds from the config as the trainer does. With
     several ranks each has its own worker: `shard` takes the rank's rows of each globally drawn batch, and
-    `seed` (default cfg.seed + 1) gives the rank's worker a sampling stream of its own."""
+    `seed` (default cfg.seed + 1) gives the rank's worker a sampling stream of its own.
+
+    With rollout.backend=vllm-server the server is the worker: a thread in this process asks it for batches
+    and pushes weights between them (async_remote.py), and scores with `score_here(rollout)`."""
     r = cfg.rollout
     if r.max_staleness == 0:
         return None
+    if r.backend == "vllm-server":
+        from tether.rollout.async_remote import AsyncRemoteGenerator
+
+        return AsyncRemoteGenerator(backend, max_staleness=r.max_staleness, group_size=r.group_size,
+                                    score=score_here, shard=shard)
     from tether.rollout.async_worker import AsyncGenerator
 
     kwargs = hf_backend_kwargs(cfg, autocast_dtype=autocast_dtype, fsdp=False)

@@ -15,6 +15,7 @@ saves and loads the run's state.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import random
@@ -32,7 +33,7 @@ from tether.core.kl import AdaptiveKLController, FixedKLController
 from tether.rollout.batch import Rollout
 from tether.rollout.factory import make_async_generator, make_backend, make_episode_runner
 from tether.train.advantages import compute_advantages
-from tether.train.collect import WorkerScoring, collect, rows_that_fit
+from tether.train.collect import WorkerScoring, collect, rows_that_fit, score_round
 from tether.train.distributed import Dist
 from tether.train.errors import TrainingError
 from tether.train.host_memory import keep_freed_memory, release_freed_memory
@@ -112,13 +113,15 @@ class Trainer:
         self.health = Health(cfg.optim.max_bad_steps, cfg.optim.max_weight_growth, cfg.optim.lr)
         # rollout.max_staleness > 0: a worker process samples ahead (rollout/async_worker.py), and runs the
         # reference pass and the reward on what it sampled; close() stops it.
-        stale = cfg.rollout.max_staleness > 0
+        worker = cfg.rollout.max_staleness > 0 and cfg.rollout.backend == "hf"  # a process of our own
         self.async_generator = make_async_generator(
             cfg, self.models.policy, self.tokenizer, autocast_dtype=self.models.autocast_dtype,
             context_window=self.models.context_window,
-            after_sampling=WorkerReferencePass.for_run(cfg, self.models) if stale else None,
-            score=WorkerScoring.for_run(cfg, reward_fn) if stale else None,
-            seed=rank_seed(cfg.seed + 1, self.dist.rank), shard=self.dist.shard if self.dist.enabled else None)
+            after_sampling=WorkerReferencePass.for_run(cfg, self.models) if worker else None,
+            score=WorkerScoring.for_run(cfg, reward_fn) if worker else None,
+            seed=rank_seed(cfg.seed + 1, self.dist.rank), shard=self.dist.shard if self.dist.enabled else None,
+            backend=self.backend, score_here=functools.partial(score_round, reward=reward_fn, cfg=cfg,
+                                                               device=torch.device("cpu")))
         self.step_count = 0
         self._first_step_memory_released = False
         if self.run_dir is not None and self.dist.is_main:
