@@ -13,24 +13,30 @@ pytestmark = pytest.mark.skipif(
 
 def test_vllm_rollout_logprobs_match_trainer(tmp_path):
     from tether.config import resolve_config
-    from tether.rewards.functions import RewardScorer
-    from tether.rollout.vllm import hf_weight_names
     from tether.tasks.tiny_model import build_tiny_model
-    from tether.train.loop import Trainer
 
     path = str(build_tiny_model(tmp_path / "m", hidden_size=64, num_layers=2))
     cfg = resolve_config({"model": {"path": path}, "device": "cuda", "algorithm": {"name": "grpo"},
                           "rollout": {"backend": "vllm", "max_new_tokens": 8, "prompts_per_step": 4,
                                       "group_size": 2}})
+    steps_then_sync_check(cfg)
+
+
+def steps_then_sync_check(cfg) -> None:
+    """Three GRPO steps, each batch from the weights synced after the update before, with the bf16 sampler's
+    log-probs within bf16 tolerance of the fp32 trainer's; then weights scaled by 1.1 (squares x 1.21), a change
+    only a sync can bring, must reach every vLLM worker."""
+    from tether.rewards.functions import RewardScorer
+    from tether.rollout.vllm import hf_weight_names
+    from tether.train.loop import Trainer
+
     reward = RewardScorer([(lambda p, c, **_: [float(len(x)) for x in c], 1.0)])
     t = Trainer(cfg, rows=[{"prompt": "12+7="}] * 8, reward_fn=reward)
-    for _ in range(3):  # after the first, each batch comes from the weights synced after the update before
-        m = t.step().metrics
-        # vLLM samples in bf16: log-probs agree with the fp32 trainer only to bf16 tolerance.
-        assert m["rollout/logprob_mismatch_mean"] < 0.05
+    for _ in range(3):
+        assert t.step().metrics["rollout/logprob_mismatch_mean"] < 0.05
     with torch.no_grad():
         for p in t.policy.parameters():
-            p.mul_(1.1)  # a change only a sync can bring: squares x 1.21
+            p.mul_(1.1)
     t.backend.sync_weights(t.policy)
     expected = sum(w.double().pow(2).sum().item() for _, w in hf_weight_names(t.policy))
     for served in t.backend.sum_of_squares():
@@ -48,11 +54,8 @@ def test_vllm_server_rollouts_and_weight_push(tmp_path):
     import urllib.request
 
     from tether.config import resolve_config
-    from tether.rewards.functions import RewardScorer
-    from tether.rollout.vllm import hf_weight_names
     from tether.rollout.vllm_server import WORKER_EXTENSION
     from tether.tasks.tiny_model import build_tiny_model
-    from tether.train.loop import Trainer
 
     path = str(build_tiny_model(tmp_path / "m", hidden_size=64, num_layers=2))
     port = 18000 + os.getpid() % 1000
@@ -73,18 +76,7 @@ def test_vllm_server_rollouts_and_weight_push(tmp_path):
         cfg = resolve_config({"model": {"path": path}, "device": "cuda:0", "algorithm": {"name": "grpo"},
                               "rollout": {"backend": "vllm-server", "vllm_server_url": url, "max_new_tokens": 8,
                                           "prompts_per_step": 4, "group_size": 2}})
-        reward = RewardScorer([(lambda p, c, **_: [float(len(x)) for x in c], 1.0)])
-        t = Trainer(cfg, rows=[{"prompt": "12+7="}] * 8, reward_fn=reward)
-        for _ in range(3):  # after the first, each batch comes from the weights pushed after the update before
-            m = t.step().metrics
-            assert m["rollout/logprob_mismatch_mean"] < 0.05  # the server samples in bf16
-        with torch.no_grad():
-            for p in t.policy.parameters():
-                p.mul_(1.1)  # a change only a push can bring: squares x 1.21
-        t.backend.sync_weights(t.policy)
-        expected = sum(w.double().pow(2).sum().item() for _, w in hf_weight_names(t.policy))
-        for served in t.backend.sum_of_squares():
-            assert served == pytest.approx(expected, rel=1e-3)  # bf16 rounding of each weight
+        steps_then_sync_check(cfg)
     finally:
         server.terminate()
         server.wait(timeout=60)
