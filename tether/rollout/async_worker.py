@@ -49,6 +49,7 @@ from tether.rollout.batch import Rollout
 
 log = logging.getLogger("tether")
 
+
 class WorkerError(RuntimeError):
     """The generation worker failed or stopped; the message carries its traceback."""
 
