@@ -30,8 +30,8 @@ class CollectInfo:
     seconds: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "score": 0.0})
     filtered_groups: int = 0
     generation_rounds: int = 0  # DAPO refill: each round samples prompts_per_step fresh prompts x group_size
-    staleness: int | None = None  # asynchronous rollouts: updates between the sampling policy and this one
-    rows_by_staleness: dict[int, int] = field(default_factory=dict)  # samples drawn at each staleness
+    # Asynchronous rollouts: samples drawn at each staleness (updates between the sampling policy and this one)
+    rows_by_staleness: dict[int, int] = field(default_factory=dict)
 
 
 def score(rollout: Rollout, reward: Callable | None, device: torch.device, *, conversation: bool = False,
@@ -214,9 +214,8 @@ def filter_overlong(rollout: Rollout, cfg: TrainConfig) -> Rollout:
 
 
 def _from_worker(async_generator, sampler, device: torch.device, info: CollectInfo) -> Rollout:
-    """The generation worker's oldest batch in flight, on the trainer's device. `info.staleness` is the most
-    updates any batch of the step lags behind (a refill round is sampled after the batch before it, so it is
-    never staler)."""
+    """The generation worker's oldest batch in flight, on the trainer's device; its rows counted at its
+    staleness in `info` (a refill round is sampled after the batch before it, so it is never staler)."""
     from tether.rollout.async_worker import WorkerError
 
     try:
@@ -224,7 +223,6 @@ def _from_worker(async_generator, sampler, device: torch.device, info: CollectIn
     except WorkerError as e:
         raise TrainingError(str(e)) from None
     staleness = async_generator.published - stale.version
-    info.staleness = max(info.staleness or 0, staleness)
     rollout = stale.rollout
     info.rows_by_staleness[staleness] = info.rows_by_staleness.get(staleness, 0) + len(rollout)
     for name in ("input_ids_BL", "attention_mask_BL", "response_mask_BT", "sampler_logprobs_BT", "truncated_B",

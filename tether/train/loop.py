@@ -209,8 +209,8 @@ class Trainer:
         if cfg.algorithm.filter_groups:
             stats["rollout/filtered_groups"] = float(info.filtered_groups)
             stats["rollout/generation_rounds"] = float(info.generation_rounds)
-        if info.staleness is not None:
-            stats["rollout/staleness"] = float(info.staleness)
+        if info.rows_by_staleness:  # asynchronous rollouts: the most any batch of the step lags, and the histogram
+            stats["rollout/staleness"] = float(max(info.rows_by_staleness))
             drawn = sum(info.rows_by_staleness.values())
             for k in range(cfg.rollout.max_staleness + 1):  # the histogram: share of samples k updates old
                 stats[f"rollout/staleness_frac_{k}"] = info.rows_by_staleness.get(k, 0) / drawn
