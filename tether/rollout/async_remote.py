@@ -13,30 +13,26 @@ path. Rows, the checkpointed sampler state and the version tags are as for the g
 
 from __future__ import annotations
 
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from torch import nn
 
-from tether.rollout.async_worker import StaleRollout, WorkerError
+from tether.rollout.async_worker import BatchesInFlight, StaleRollout, WorkerError
 from tether.rollout.batch import Rollout
 
 
-class AsyncRemoteGenerator:
+class AsyncRemoteGenerator(BatchesInFlight):
     """The trainer's side of a generation server: `max_staleness + 1` batches in flight, handed over oldest first;
     `publish` pushes new weights between two batches. `score(rollout)` and `shard(rows)` as for AsyncGenerator."""
 
     def __init__(self, backend, *, max_staleness: int, group_size: int,
                  score: Callable[[Rollout], None] | None = None, shard: Callable[[list], list] | None = None):
-        if max_staleness < 1:
-            raise ValueError("max_staleness must be >= 1 for asynchronous rollouts")
-        self.backend, self.max_staleness, self.group_size = backend, max_staleness, group_size
-        self.score, self.shard = score, shard
+        super().__init__(max_staleness, shard)
+        self.backend, self.group_size, self.score = backend, group_size, score
         self.scores_in_worker, self.scoring_note = score is not None, None
         self.pool: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="tether-generate")
         self.pushed = 0  # written in the pool's thread only
-        self.in_flight: deque[tuple[Future, dict]] = deque()
 
     @property
     def published(self) -> int:
@@ -53,12 +49,7 @@ class AsyncRemoteGenerator:
         """The oldest batch in flight (after topping the flight up with new rows from `sampler`)."""
         if self.pool is None:
             raise WorkerError("the generation thread was closed")
-        while len(self.in_flight) < self.max_staleness + 1:
-            state = sampler.state_dict()
-            rows = sampler.next_batch()
-            if self.shard is not None:
-                rows = self.shard(rows)
-            self.in_flight.append((self.pool.submit(self._sample, rows), state))
+        self._top_up(sampler, lambda rows: self.pool.submit(self._sample, rows))
         future, state = self.in_flight.popleft()
         try:
             rollout, version = future.result()
@@ -66,11 +57,6 @@ class AsyncRemoteGenerator:
             self.close()
             raise WorkerError(f"the generation server's batch failed: {type(e).__name__}: {e}") from e
         return StaleRollout(rollout, version, state)
-
-    def resume_state(self, sampler) -> dict:
-        """The data sampler's state to checkpoint: before the first batch still in flight (drawn again on
-        resume), or the sampler's own when nothing is in flight."""
-        return dict(self.in_flight[0][1]) if self.in_flight else sampler.state_dict()
 
     def _push(self, policy: nn.Module) -> None:
         self.backend.sync_weights(policy)

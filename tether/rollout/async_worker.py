@@ -110,7 +110,33 @@ def _worker_main(model, tokenizer, backend_kwargs, threads, seed, requests, resu
         results.put(("error", None, None, traceback.format_exc()))
 
 
-class AsyncGenerator:
+class BatchesInFlight:
+    """The trainer's side of any generation worker: the batches asked for, oldest first, each with the data
+    sampler's state before its rows were drawn (what a checkpoint keeps while the batch is in flight).
+    `shard(rows)`, with several data-parallel ranks, keeps this rank's share of every batch drawn."""
+
+    def __init__(self, max_staleness: int, shard: Callable[[list], list] | None):
+        if max_staleness < 1:
+            raise ValueError("max_staleness must be >= 1 for asynchronous rollouts")
+        self.max_staleness, self.shard = max_staleness, shard
+        self.in_flight: deque[tuple[object, dict]] = deque()
+
+    def _top_up(self, sampler, ask: Callable[[list[dict]], object]) -> None:
+        """Ask for batches of new rows until max_staleness + 1 are in flight; `ask(rows)` returns its handle."""
+        while len(self.in_flight) < self.max_staleness + 1:
+            state = sampler.state_dict()
+            rows = sampler.next_batch()
+            if self.shard is not None:
+                rows = self.shard(rows)
+            self.in_flight.append((ask(rows), state))
+
+    def resume_state(self, sampler) -> dict:
+        """The data sampler's state to checkpoint: before the first batch still in flight (those are drawn
+        again on resume), or the sampler's own when nothing is in flight."""
+        return dict(self.in_flight[0][1]) if self.in_flight else sampler.state_dict()
+
+
+class AsyncGenerator(BatchesInFlight):
     """The trainer's side of the worker: keeps `max_staleness + 1` batches in flight, hands them over oldest
     first, publishes new weights, and stops the worker.
 
@@ -120,18 +146,15 @@ class AsyncGenerator:
     builds the worker's own episode runner (its environments live in the worker), and each batch is
     group_size episodes of each row instead of completions. `score(rollout)`, if given, scores each batch in
     the worker after that; if the worker cannot unpickle it (a reward defined where the worker cannot import
-    it), batches come back unscored and `scoring_note` says why. `shard(rows)`, with several data-parallel
-    ranks (each with its own worker), keeps this rank's share of every batch drawn from the sampler."""
+    it), batches come back unscored and `scoring_note` says why. `shard`: see BatchesInFlight."""
 
     def __init__(self, policy: nn.Module, tokenizer, *, backend_kwargs: dict, max_staleness: int, threads: int,
                  seed: int, group_size: int, timeout_s: float = 3600.0,
                  after_sampling: Callable[[nn.Module, Rollout], None] | None = None,
                  make_episode_runner: Callable | None = None, score: Callable[[Rollout], None] | None = None,
                  shard: Callable[[list], list] | None = None):
-        if max_staleness < 1:
-            raise ValueError("max_staleness must be >= 1 for asynchronous rollouts")
-        self.max_staleness, self.group_size, self.timeout_s = max_staleness, group_size, timeout_s
-        self.shard = shard  # this rank's rows of a batch drawn for all ranks (data-parallel), or None
+        super().__init__(max_staleness, shard)
+        self.group_size, self.timeout_s = group_size, timeout_s
         self.copy = copy.deepcopy(policy).eval().requires_grad_(False)
         for t in list(self.copy.parameters()) + list(self.copy.buffers()):
             t.share_memory_()
@@ -139,7 +162,6 @@ class AsyncGenerator:
         self.requests, self.results = ctx.Queue(), ctx.Queue()
         self.lock = ctx.Lock()
         self.version = ctx.Value("q", 0, lock=False)  # written under self.lock only
-        self.in_flight: deque[tuple[int, dict]] = deque()
         self.next_id = 0
         self.scores_in_worker, self.scoring_note = False, None  # known from the worker's first message
         self.process = ctx.Process(target=_worker_main, daemon=True, name="tether-generate",
@@ -155,14 +177,7 @@ class AsyncGenerator:
 
     def next(self, sampler) -> StaleRollout:
         """The oldest batch in flight (after topping the flight up with new rows from `sampler`)."""
-        while len(self.in_flight) < self.max_staleness + 1:
-            state = sampler.state_dict()
-            rows = sampler.next_batch()
-            if self.shard is not None:
-                rows = self.shard(rows)
-            self.requests.put((self.next_id, rows, self.group_size))
-            self.in_flight.append((self.next_id, state))
-            self.next_id += 1
+        self._top_up(sampler, self._ask)
         want, state = self.in_flight.popleft()
         kind, got, version, payload = self._receive()
         if kind == "scoring":  # the worker's first message when it was given a scorer
@@ -197,10 +212,10 @@ class AsyncGenerator:
                 if waited >= self.timeout_s:
                     raise WorkerError(f"the generation worker sent nothing for {self.timeout_s:.0f} s") from None
 
-    def resume_state(self, sampler) -> dict:
-        """The data sampler's state to checkpoint: before the first batch still in flight (those are drawn
-        again on resume), or the sampler's own when nothing is in flight."""
-        return dict(self.in_flight[0][1]) if self.in_flight else sampler.state_dict()
+    def _ask(self, rows: list[dict]) -> int:
+        request_id, self.next_id = self.next_id, self.next_id + 1
+        self.requests.put((request_id, rows, self.group_size))
+        return request_id
 
     @torch.no_grad()
     def publish(self, policy: nn.Module) -> None:
