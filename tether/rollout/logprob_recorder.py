@@ -5,35 +5,35 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor
 
+from tether.core.logprobs import token_logprobs
+
 
 class SampledLogprobs(LogitsProcessor):
     """Records log pi_sampler(o_t) of each sampled token while `generate` runs, one [B, V] at a time.
 
     It runs last in the processor chain, so it sees the distribution tokens are drawn from (temperature,
-    top-k, top-p applied). At step t it keeps the float32 scores and their logsumexp; at step t+1 the token
-    drawn at t is the last column of input_ids, so only a [B] gather is kept: log p = z_tok - logsumexp(z).
+    top-k, top-p applied). At step t it keeps a float32 copy of the scores; at step t+1 the token drawn at t is
+    the last column of input_ids, and its log-prob comes from the trainer's own kernel
+    (`core.logprobs.token_logprobs`), so that equal logits give bit-for-bit equal log-probs on both sides.
     Asking generate for `output_scores` instead would hold a float [B, T, V] tensor: gigabytes at a real
     vocabulary and long completions.
 
-    Why logsumexp and not `log_softmax`: torch's CPU log_softmax sums a row's exponentials in float32 lane by
-    lane, and over 49,152 of them that sum is off by about 1e-5 relative, so every recorded log-prob was off
-    by up to 1.3e-5 (SmolLM2-135M, even from float64 logits), while `logsumexp` sums pairwise like the
-    trainer's own log-prob kernel (core/logprobs.py) and agrees with float64 to float32's rounding.
+    Not torch's CPU `log_softmax`: it sums a row's exponentials in float32 lane by lane, and over 49,152 of
+    them that sum is off by about 1e-5 relative (SmolLM2-135M, even from float64 logits), where the trainer's
+    kernel agrees with float64 to float32's rounding.
     """
 
     def __init__(self) -> None:
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (scores [B, V], logsumexp [B])
+        self.pending: torch.Tensor | None = None  # the last step's scores [B, V]
         self.logprobs: list[torch.Tensor] = []
 
     def _gather(self, tokens_B1: torch.Tensor) -> torch.Tensor:
-        z, lse = self.pending
-        return z.gather(-1, tokens_B1).squeeze(-1) - lse
+        return token_logprobs(self.pending.unsqueeze(1), tokens_B1)[:, 0]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.pending is not None:
             self.logprobs.append(self._gather(input_ids[:, -1:]))
-        z = scores.to(torch.float32, copy=True)  # one copy: generate may change its scores after this
-        self.pending = (z, torch.logsumexp(z, -1))
+        self.pending = scores.to(torch.float32, copy=True)  # a copy: generate may change its scores after this
         return scores
 
     def finish(self, completion_BT: torch.Tensor) -> torch.Tensor:
