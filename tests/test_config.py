@@ -44,6 +44,19 @@ def test_unknown_preset_lists_known():
         resolve_config({"algorithm": {"name": "grop"}})
 
 
+def test_batch_invariant_names_every_setting_it_does_not_work_with():
+    for overrides, names in ((["model.autocast=bfloat16"], ["model.autocast=bfloat16"]),
+                             (["model.dtype=bfloat16", "rollout.compile=true"],
+                              ["model.dtype=bfloat16", "rollout.compile"]),
+                             (["rollout.backend=vllm", "rollout.decode_attention=matmul"],
+                              ["rollout.backend=vllm", "rollout.decode_attention=matmul"])):
+        with pytest.raises(ConfigError, match="model.batch_invariant") as err:
+            resolve_config({}, ["model.batch_invariant=true", *overrides])
+        assert all(n in str(err.value) for n in names), err.value
+    cfg = resolve_config({}, ["model.batch_invariant=true"])  # the defaults (packed linears on) are fine
+    assert cfg.model.batch_invariant and cfg.rollout.packed_linears
+
+
 def test_cross_field_checks():
     with pytest.raises(ConfigError, match="needs a critic"):
         resolve_config({"algorithm": {"name": "grpo", "advantage": "gae"}})

@@ -82,6 +82,13 @@ class ModelConfig:
                                            "leaves an empty one. None: as the data and the template have it.")
     disable_dropout: bool = knob(True, "Set every dropout probability to 0 so that pi_old == pi_theta at the "
                                        "first minibatch (standard in RL fine-tuning).")
+    batch_invariant: bool = knob(False, "Float32 forwards whose numbers do not depend on the batch, its padding or "
+                                        "the KV cache: linear layers and attention sum exact products in float64 "
+                                        "and round once (core/batch_invariant.py), in the sampler and the trainer "
+                                        "alike, so that the sampler's log-probs are the trainer's bit for bit "
+                                        "(rollout/logprob_mismatch_max = 0). About twice the forward time on CPU, "
+                                        "and a float64 copy of the weights while sampling. HF backend, float32, "
+                                        "without autocast or compile.")
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters on the policy."})
 
     def frozen_dtype_name(self) -> str:
@@ -581,6 +588,16 @@ def validate(cfg: TrainConfig) -> None:
                           "model.dtype=bfloat16 (or float16) with it.")
     if m.master_weights and m.autocast:
         raise ConfigError("model.master_weights=true already computes in model.dtype: drop model.autocast.")
+    if m.batch_invariant:
+        clashes = [what for what, on in (
+            (f"model.dtype={m.dtype}", m.dtype != "float32"), (f"model.autocast={m.autocast}", m.autocast),
+            (f"rollout.backend={r.backend}", r.backend != "hf"),
+            (f"rollout.weights_dtype={r.weights_dtype}", r.weights_dtype in ("bfloat16", "float16")),
+            ("model.compile", m.compile), ("rollout.compile", r.compile),
+            ("rollout.decode_attention=matmul", r.decode_attention == "matmul")) if on]
+        if clashes:
+            raise ConfigError("model.batch_invariant makes the HF sampler's and the trainer's float32 forwards "
+                              f"equal bit for bit; it does not work with {', '.join(clashes)}")
     if cfg.threads is not None and cfg.threads != "auto" and not (cfg.threads.isdigit() and int(cfg.threads) > 0):
         raise ConfigError(f"threads: {cfg.threads!r} is not allowed; give 'auto', a positive integer, or null.")
     if cfg.env.name is not None and r.backend != "hf":

@@ -125,8 +125,9 @@ def test_grpo_and_lora_steps_on_the_real_vocabulary(smollm2_small):
     trainer's float32 log-probs agree through the chat template to float order. The two differ only in how
     the sums are ordered (a cached one-row decode step against a forward over the whole sequence): float32
     logits of magnitude ~30 carry ~1e-6 of rounding each, and the log-softmax over 49,152 of them about as
-    much again; measured max 2.6e-5 per token here (3.1e-5 on the 30-layer model, mean 5.4e-6, where float64
-    weights give 4.3e-6: benchmarks/logprob_agreement.py), so 1e-4."""
+    much again; measured max 2.6e-5 per token here (2.8e-5 on the 30-layer model, mean 5.4e-6, where float64
+    weights give 5.1e-6: benchmarks/logprob_agreement.py), so 1e-4. model.batch_invariant makes them equal
+    (the next test)."""
     for over in ({}, {"model.lora.r": 8, "model.lora.alpha": 16, "optim.lr": 1e-3}):
         t = trainer(smollm2_small, **over)
         m = t.step().metrics
@@ -134,6 +135,38 @@ def test_grpo_and_lora_steps_on_the_real_vocabulary(smollm2_small):
         assert m["rollout/logprob_mismatch_mean"] < 2e-5, m["rollout/logprob_mismatch_mean"]
         assert m["policy/first_minibatch_ratio_dev"] < 1e-5 and math.isfinite(m["loss/total"])
         assert m["update/optimizer_steps"] == t.cfg.algorithm.minibatches and m["completion/tokens"] > 0
+
+
+@requires_smollm2
+def test_batch_invariant_sampler_and_trainer_log_probs_are_equal_bit_for_bit(smollm2_small):
+    """model.batch_invariant: the sampler's one-row cached decode steps and the trainer's forward over the
+    whole left-padded batch compute the same float32 numbers, so every sampled token's log-prob is the same
+    bits on both sides, with shared prompt prefill or without; and a run's steps (full and LoRA) measure a
+    mismatch of exactly 0 and a first-minibatch ratio of exactly 1."""
+    from tether.core.batch_invariant import batch_invariant
+    from tether.train.forward import make_micro_batch, policy_logprobs_and_values
+
+    policy, tok = load_causal_lm(smollm2_small), load_tokenizer(smollm2_small)
+    prompts = [q["prompt"] for q in QUESTIONS[:3]] + [[{"role": "user", "content": "Say hi."}]]
+    for share in (False, True):
+        backend = HFGenerateBackend(policy, tok, max_new_tokens=12, chat_template=True, share_prompts=share,
+                                    batch_invariant=True)
+        assert not backend.packed_linears and not backend.matmul_decode
+        torch.manual_seed(0)
+        r = backend.generate([{"prompt": p} for p in prompts], prompts, group_size=2)
+        mb = make_micro_batch(r, torch.arange(len(r)))
+        with torch.no_grad(), batch_invariant():
+            lp = policy_logprobs_and_values(policy, None, mb, temperature=1.0, with_entropy=False,
+                                            share_prompts=share).logprobs
+        mask = r.loss_mask_BT[:, :mb.width].bool()
+        assert mask.sum() > 20
+        assert torch.equal(lp[mask], r.sampler_logprobs_BT[:, :mb.width][mask])
+    for over in ({}, {"model.lora.r": 8, "model.lora.alpha": 16, "optim.lr": 1e-3}):
+        t = trainer(smollm2_small, **{"model.batch_invariant": True, "algorithm.epochs": 2, **over})
+        for _ in range(2):
+            m = t.step().metrics
+            assert m["rollout/logprob_mismatch_max"] == 0.0, m["rollout/logprob_mismatch_max"]
+            assert m["policy/first_minibatch_ratio_dev"] == 0.0 and math.isfinite(m["loss/total"])
 
 
 @requires_smollm2

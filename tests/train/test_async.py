@@ -47,6 +47,17 @@ def test_batches_are_one_update_stale_and_pi_old_is_recomputed(llama):
     assert t.async_generator.process is None
 
 
+def test_a_batch_invariant_worker_samples_the_trainers_log_probs_bit_for_bit(llama):
+    """model.batch_invariant reaches the worker's sampler: the first batch (version 0 on both sides) has a
+    mismatch of exactly 0."""
+    t = make_trainer(llama, **{"rollout.max_staleness": 1, "model.batch_invariant": True})
+    try:
+        m = t.step().metrics
+    finally:
+        t.close()
+    assert m["rollout/staleness"] == 0.0 and m["rollout/logprob_mismatch_max"] == 0.0
+
+
 def test_the_workers_error_reaches_the_trainer_and_the_worker_is_gone(llama):
     t = make_trainer(llama, **{"rollout.max_staleness": 1})
     process = t.async_generator.process

@@ -38,6 +38,7 @@ def hf_backend_kwargs(cfg: TrainConfig, *, autocast_dtype: torch.dtype | None, f
                 weights_dtype=sampler_weights_dtype(cfg, fsdp),
                 compile_backend="inductor" if r.compile else None, decode_attention=r.decode_attention,
                 packed_linears=r.packed_linears, inverse_cdf_sampling=r.inverse_cdf_sampling,
+                batch_invariant=m.batch_invariant,
                 share_prompts=sampler_share_prompts(cfg.optim.share_prompts, fsdp=fsdp))
 
 

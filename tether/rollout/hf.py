@@ -20,6 +20,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from tether.core.batch_invariant import batch_invariant as batch_invariant_mode
 from tether.models import is_sharded
 from tether.rollout.batch import Rollout
 from tether.rollout.compiled_forward import CompiledForward
@@ -104,7 +105,7 @@ class HFGenerateBackend:
                  autocast_dtype=None,
                  weights_dtype: torch.dtype | None = None, compile_backend: str | Callable | None = None,
                  share_prompts: bool = False, decode_attention: str = "auto", packed_linears: bool = True,
-                 inverse_cdf_sampling: bool = True):
+                 inverse_cdf_sampling: bool = True, batch_invariant: bool = False):
         """`weights_dtype`: sample from a copy of the policy in this dtype (e.g. bfloat16: no autocast casts,
         half the weight bandwidth), refreshed from the policy by `sync_weights` after every optimiser step.
         None samples from the policy itself (under `autocast_dtype`, if given). `compile_backend`: run the
@@ -115,7 +116,9 @@ class HFGenerateBackend:
         on CPUs without AMX (`use_matmul_decode`). `packed_linears`: on CPU, run the linear layers on weights
         packed for oneDNN once per call (`packed_linears.installed`); not under autocast or `compile_backend`.
         `inverse_cdf_sampling`: draw tokens on CPU with `categorical.sample_categorical` instead of
-        `torch.multinomial` (the same distribution, one uniform per row)."""
+        `torch.multinomial` (the same distribution, one uniform per row). `batch_invariant`: sample under
+        `core.batch_invariant.BatchInvariant`, so that each recorded log-prob is bit for bit the one a
+        trainer's forward under it computes (float32 policies; packed linears and matmul decode off)."""
         self.source = policy
         self.policy = policy
         if weights_dtype is not None and weights_dtype != next(policy.parameters()).dtype:
@@ -130,10 +133,12 @@ class HFGenerateBackend:
         self.autocast_dtype = autocast_dtype
         self.compiled_forward = CompiledForward(compile_backend) if compile_backend is not None else None
         self.share_prompts = share_prompts
-        self.matmul_decode = use_matmul_decode(decode_attention)
+        self.batch_invariant = batch_invariant
+        self.matmul_decode = use_matmul_decode(decode_attention, batch_invariant=batch_invariant)
         self.inverse_cdf_sampling = inverse_cdf_sampling
         self.packed_linears = packed_linears_allowed(packed_linears, autocast_dtype=autocast_dtype,
-                                                     compiled=compile_backend is not None)
+                                                     compiled=compile_backend is not None,
+                                                     batch_invariant=batch_invariant)
         self.eos = eos_ids(tokenizer, policy)
         # An explicit config with only our settings: a hub model's own generation_config may carry
         # repetition penalties or top_k=50 defaults that would make the sampler's distribution differ
@@ -184,7 +189,10 @@ class HFGenerateBackend:
             # (about 5% off sampling on CPU). Its tensors cannot be saved for backward, hence the clone below.
             # Not under FSDP: the unsharded parameters it allocates in a forward would become inference
             # tensors that training later writes into.
+            # Batch-invariant: a float64 copy of each weight for the call (FSDP's gathered weights change
+            # between forwards without a new tensor, so they are converted at each call there).
             with (torch.inference_mode(not is_sharded(self.policy)), autocast, forward,
+                  batch_invariant_mode(self.batch_invariant, cache_weights=not is_sharded(self.policy)),
                   matmul_decode_installed(self.policy, self.matmul_decode),
                   packed_linears_installed(self.policy, prompt_ids.shape[0], self.packed_linears),
                   inverse_cdf_sampling_installed(self.inverse_cdf_sampling)):

@@ -3,8 +3,8 @@
 | speed-up (config) | where | off when | why |
 |---|---|---|---|
 | low-precision sampler copy (`rollout.weights_dtype`) | HF sampling | FSDP (refused by config) | the shards would have to be gathered into the copy; "auto" keeps a bf16 copy under bf16 autocast only |
-| matmul decode attention (`rollout.decode_attention`) | HF sampling, CPU | "auto" on a CPU with AMX | the flash kernel was faster there (decode_attention.py) |
-| packed linears (`rollout.packed_linears`) | HF sampling, CPU | autocast; `rollout.compile` | autocast would need the packed copies in its dtype; Inductor cannot trace oneDNN's packed tensors |
+| matmul decode attention (`rollout.decode_attention`) | HF sampling, CPU | "auto" on a CPU with AMX; `model.batch_invariant` | the flash kernel was faster there (decode_attention.py); its float32 sums are not the trainer's |
+| packed linears (`rollout.packed_linears`) | HF sampling, CPU | autocast; `rollout.compile`; `model.batch_invariant` | autocast would need the packed copies in its dtype; Inductor cannot trace oneDNN's packed tensors; oneDNN's float32 sums are not the trainer's |
 | inverse-CDF token draws (`rollout.inverse_cdf_sampling`) | HF sampling, CPU | never (other devices keep torch.multinomial) | the same distribution; only the random stream differs |
 | shared prompt prefill (`optim.share_prompts`) | HF sampling | FSDP | the prefill would gather the shards on its own, and only on ranks whose prompts repeat |
 | shared prompt forward (`optim.share_prompts`) | training / no-grad passes | gradient checkpointing; group_size 1 | HF turns the KV cache off in a checkpointed model's forwards; with no group no prompt repeats |
@@ -38,10 +38,15 @@ def sampler_weights_dtype(cfg: TrainConfig, fsdp: bool) -> torch.dtype | None:
     return DTYPES[r.weights_dtype]  # config.validate_for_world refuses a copy under FSDP
 
 
-def use_matmul_decode(choice: str) -> bool:
-    """`rollout.decode_attention`: "matmul", "model", or "auto" (matmul unless the CPU has AMX tiles)."""
+def use_matmul_decode(choice: str, *, batch_invariant: bool = False) -> bool:
+    """`rollout.decode_attention`: "matmul", "model", or "auto" (matmul unless the CPU has AMX tiles, or the
+    model runs batch-invariant: the model's attention then goes through core/batch_invariant.py)."""
     if choice not in ("auto", "matmul", "model"):
         raise ValueError(f"decode_attention must be 'auto', 'matmul' or 'model', not {choice!r}")
+    if choice == "matmul" and batch_invariant:  # config.validate refuses it first
+        raise ValueError("decode_attention='matmul' sums in float32 in its own order: not with batch_invariant")
+    if batch_invariant:
+        return False
     if choice == "auto":
         from tether.rollout.cpu_features import has_amx
 
@@ -49,12 +54,15 @@ def use_matmul_decode(choice: str) -> bool:
     return choice == "matmul"
 
 
-def packed_linears_allowed(requested: bool, *, autocast_dtype: torch.dtype | None, compiled: bool) -> bool:
-    """Packed linears while sampling, unless under autocast or through the compiled forward (logged)."""
-    allowed = requested and autocast_dtype is None and not compiled
+def packed_linears_allowed(requested: bool, *, autocast_dtype: torch.dtype | None, compiled: bool,
+                           batch_invariant: bool = False) -> bool:
+    """Packed linears while sampling, unless under autocast, through the compiled forward, or batch-invariant
+    (logged)."""
+    allowed = requested and autocast_dtype is None and not compiled and not batch_invariant
     if requested and not allowed:
-        log.info("rollout.packed_linears: off while sampling %s (documented: F.linear there)",
-                 "under autocast" if autocast_dtype is not None else "through rollout.compile")
+        why = ("under autocast" if autocast_dtype is not None else "through rollout.compile" if compiled
+               else "under model.batch_invariant")
+        log.info("rollout.packed_linears: off while sampling %s (documented: F.linear there)", why)
     return allowed
 
 

@@ -29,6 +29,7 @@ import torch
 
 from tether import models
 from tether.config import TrainConfig, dump_yaml, validate_for_world
+from tether.core.batch_invariant import batch_invariant
 from tether.core.kl import AdaptiveKLController, FixedKLController
 from tether.rollout.batch import Rollout
 from tether.rollout.factory import make_async_generator, make_backend, make_episode_runner
@@ -175,22 +176,25 @@ class Trainer:
             stats.update({"update/epochs_done": 0, "update/optimizer_steps": 0, "update/skipped": 0,
                           "update/early_stopped": 0.0, "update/unscored": 1.0})
         else:
-            # 2. no-grad passes: pi_old, pi_ref, old values
-            t0 = time.perf_counter()
-            exact = self.sampler_is_exact()
-            no_grad_passes(rollout, first_epoch_order, acc, cfg=cfg, run=run, dist=dist, exact_sampler=exact)
-            timing["logprobs"] = time.perf_counter() - t0
+            # 2-4 batch-invariant with model.batch_invariant: the trainer's forwards then compute the very
+            # log-probs the sampler recorded (core/batch_invariant.py)
+            with batch_invariant(cfg.model.batch_invariant):
+                # 2. no-grad passes: pi_old, pi_ref, old values
+                t0 = time.perf_counter()
+                exact = self.sampler_is_exact()
+                no_grad_passes(rollout, first_epoch_order, acc, cfg=cfg, run=run, dist=dist, exact_sampler=exact)
+                timing["logprobs"] = time.perf_counter() - t0
 
-            # 3. advantages, and the KL to the reference they measured
-            measured_kl = compute_advantages(rollout, cfg, dist, beta=self.beta, uses_reference=self.uses_reference,
-                                             old_logprobs_BT=logprobs_before_update(rollout, exact))
-            if measured_kl is not None:
-                stats["kl/ref_per_token"] = measured_kl
+                # 3. advantages, and the KL to the reference they measured
+                measured_kl = compute_advantages(rollout, cfg, dist, beta=self.beta, uses_reference=self.uses_reference,
+                                                 old_logprobs_BT=logprobs_before_update(rollout, exact))
+                if measured_kl is not None:
+                    stats["kl/ref_per_token"] = measured_kl
 
-            # 4. epochs x minibatches of the composite loss
-            t0 = time.perf_counter()
-            counts, cause = update(rollout, first_epoch_order, acc, cfg=cfg, run=run, dist=dist, opt=self.opt,
-                                   beta=self.beta, order_for_epoch=lambda epoch: self.minibatch_order(B, epoch))
+                # 4. epochs x minibatches of the composite loss
+                t0 = time.perf_counter()
+                counts, cause = update(rollout, first_epoch_order, acc, cfg=cfg, run=run, dist=dist, opt=self.opt,
+                                       beta=self.beta, order_for_epoch=lambda epoch: self.minibatch_order(B, epoch))
             stats.update(counts)
             if self.async_generator is not None:  # the worker samples from these from its next batch on
                 self.async_generator.publish(run.policy)

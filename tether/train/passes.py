@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tether.config import TrainConfig
+from tether.core.batch_invariant import batch_invariant
 from tether.models import ReferencePolicy
 from tether.rollout.batch import Rollout
 from tether.train.distributed import Dist, split_to_count
@@ -187,6 +188,7 @@ class WorkerReferencePass:
     share_prompts: bool
     micro_batch_size: int
     token_budget: int | None
+    batch_invariant: bool  # model.batch_invariant: as the trainer's own pass would run
 
     @classmethod
     def for_run(cls, cfg: TrainConfig, run: RunModels) -> "WorkerReferencePass | None":
@@ -199,15 +201,16 @@ class WorkerReferencePass:
         o = cfg.optim
         return cls(model, cfg.rollout.temperature, run.autocast_dtype, run.share_prompts,
                    o.no_grad_micro_batch_size or o.micro_batch_size,
-                   None if o.no_grad_micro_batch_size else o.token_budget)
+                   None if o.no_grad_micro_batch_size else o.token_budget, cfg.model.batch_invariant)
 
     def __call__(self, worker_policy: nn.Module, rollout: Rollout) -> None:
         reference = (ReferencePolicy(model=self.model) if self.model is not None
                      else ReferencePolicy(adapter_host=worker_policy))
         micro = split_micro_batches(rollout, torch.arange(len(rollout)), micro_batch_size=self.micro_batch_size,
                                     token_budget=self.token_budget)
-        reference_logprobs(rollout, micro, reference, temperature=self.temperature,
-                           autocast_dtype=self.autocast_dtype, share_prompts=self.share_prompts)
+        with batch_invariant(self.batch_invariant):
+            reference_logprobs(rollout, micro, reference, temperature=self.temperature,
+                               autocast_dtype=self.autocast_dtype, share_prompts=self.share_prompts)
 
 
 def logprobs_before_update(rollout: Rollout, exact_sampler: bool) -> torch.Tensor | None:
